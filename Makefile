@@ -1,0 +1,42 @@
+# model-trainer. `make demo` and `make test` set up everything they need on a fresh machine.
+SHELL := /bin/bash
+UV ?= uv
+RUN := $(UV) run --frozen --no-sync
+ARTIFACTS ?= demo-artifacts
+PY_TREES := trainer_image tests bench scripts
+
+.PHONY: setup demo test test-fast lint fmt bench crds clean help
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+setup: ## install uv, redis-server and the locked virtualenv
+	@bash scripts/bootstrap.sh
+
+demo: setup ## train a tokenizer and a small GPT-2 on the Python standard library's source
+	$(RUN) python scripts/demo_corpus.py $(ARTIFACTS)/corpora/python-stdlib.txt
+	$(RUN) model-trainer run -f examples/demo/tokenizerjob.yaml -f examples/demo/trainingrun.yaml \
+		--artifacts $(ARTIFACTS)
+
+test: setup ## every test
+	$(RUN) pytest
+
+lint: setup ## ruff, ruff format, mypy --strict and the guard against Any/cast/type: ignore/print
+	$(RUN) ruff check $(PY_TREES)
+	$(RUN) ruff format --check $(PY_TREES)
+	$(RUN) mypy
+	$(RUN) python scripts/guard.py
+
+fmt: setup
+	$(RUN) ruff format $(PY_TREES)
+	$(RUN) ruff check --fix $(PY_TREES)
+
+bench: setup ## benchmarks: training tokens/s and tokenizer MB/s against the plain libraries
+	$(RUN) python bench/bench_tokenizer.py
+	$(RUN) python bench/bench_training.py
+
+crds: setup ## regenerate crds/ from the pydantic models
+	$(RUN) model-trainer crds --out crds
+
+clean:
+	rm -rf $(ARTIFACTS) bench/results .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Install what the project needs on a fresh Debian machine: uv, redis-server, the locked venv.
+# Idempotent; fast when everything is there already.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_updated=""
+need_apt() {
+  local missing=()
+  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ -z "$apt_updated" ]; then as_root apt-get update -qq; apt_updated=1; fi
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "bootstrap: installing redis-server" >&2
+  need_apt redis-server
+fi
+
+if ! command -v uv >/dev/null 2>&1; then
+  echo "bootstrap: installing uv" >&2
+  python3 -m pip install --quiet --disable-pip-version-check "uv>=0.5,<1" \
+    || python3 -m pip install --quiet --break-system-packages "uv>=0.5,<1"
+fi
+
+uv sync --frozen --all-extras --quiet

@@ -1,0 +1,3 @@
+"""Model Trainer: train byte-level BPE tokenizers and small GPT-2 models, locally or on Kubernetes."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,72 @@
+"""Structured JSON logging with structlog, teed into each job's logs.jsonl."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, TextIO
+
+import structlog
+from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
+
+_sinks: list[IO[str]] = []
+_sinks_lock = threading.Lock()
+
+
+def _tee_to_job_logs(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    if _sinks:
+        line = json.dumps(event_dict, default=str, sort_keys=True) + "\n"
+        with _sinks_lock:
+            for sink in _sinks:
+                sink.write(line)
+                sink.flush()
+    return event_dict
+
+
+def configure(level: str = "info", stream: TextIO | None = None) -> None:
+    """Send JSON log lines to `stream` (stderr by default) and to every open job log."""
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+            structlog.processors.format_exc_info,
+            _tee_to_job_logs,
+            structlog.processors.JSONRenderer(default=str, sort_keys=True),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.WriteLoggerFactory(file=stream or sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str) -> FilteringBoundLogger:
+    # Lazy: the logger picks up configure() even when created at import time.
+    logger: FilteringBoundLogger = structlog.get_logger(logger_name=name)
+    return logger
+
+
+@contextlib.contextmanager
+def job_log(path: Path) -> Iterator[None]:
+    """Append every log event to `path` (JSON lines) while the block runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as sink:
+        with _sinks_lock:
+            _sinks.append(sink)
+        try:
+            yield
+        finally:
+            with _sinks_lock:
+                _sinks.remove(sink)
+
+
+@contextlib.contextmanager
+def bound(**values: str) -> Iterator[None]:
+    """Bind context (job kind, name, uid) to every log line inside the block."""
+    with structlog.contextvars.bound_contextvars(**values):
+        yield
