@@ -94,8 +94,9 @@ def test_bad_tokenizer_specs_are_rejected(spec, message):
 
 
 def test_unigram_may_have_a_small_vocab():
-    spec = TokenizerJobSpec.model_validate({"corpus": CORPUS, "algorithm": "unigram",
-                                            "vocabSize": 100})
+    spec = TokenizerJobSpec.model_validate(
+        {"corpus": CORPUS, "algorithm": "unigram", "vocabSize": 100}
+    )
     assert spec.vocab_size == 100
 
 

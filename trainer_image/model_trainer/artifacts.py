@@ -17,6 +17,7 @@ from pydantic import JsonValue
 from model_trainer.errors import ArtifactWriteError
 
 MANIFEST_NAME = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
 LOGS_NAME = "logs.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 # Not hashed into the manifest: the manifest itself, the log that keeps growing after it,
@@ -32,8 +33,10 @@ def job_dir(root: Path, namespace: str, kind: str, name: str) -> Path:
 
 
 def _raise_write_error(path: Path, exc: OSError) -> ArtifactWriteError:
-    if exc.errno == errno.ENOSPC:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return ArtifactWriteError(f"disk full while writing {path}")
+    if exc.errno == errno.EFBIG:
+        return ArtifactWriteError(f"file size limit reached while writing {path}")
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return ArtifactWriteError(f"artifacts volume refused to write {path}: {exc.strerror}")
     return ArtifactWriteError(f"could not write {path}: {exc.strerror or exc}")

@@ -25,39 +25,75 @@ def _parser() -> argparse.ArgumentParser:
         description="Train byte-level BPE tokenizers and small GPT-2 models, locally or in a pod.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("MT_LOG_LEVEL", "info"),
-                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("MT_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run TokenizerJob and TrainingRun YAML locally, "
-                                     "in dependency order")
-    run.add_argument("-f", "--file", dest="files", action="append", type=Path, required=True,
-                     help="YAML file of TokenizerJobs, TrainingRuns and ConfigMaps (repeatable)")
+    run = sub.add_parser(
+        "run", help="run TokenizerJob and TrainingRun YAML locally, in dependency order"
+    )
+    run.add_argument(
+        "-f",
+        "--file",
+        dest="files",
+        action="append",
+        type=Path,
+        required=True,
+        help="YAML file of TokenizerJobs, TrainingRuns and ConfigMaps (repeatable)",
+    )
     run.add_argument("--artifacts", type=Path, required=True, help="artifacts root directory")
-    run.add_argument("--redis-url", default=None,
-                     help="also report heartbeats, progress and status to this Redis")
+    run.add_argument(
+        "--redis-url",
+        default=None,
+        help="also report heartbeats, progress and status to this Redis",
+    )
 
     job = sub.add_parser("job", help="run one resource as the trainer pod does")
-    job.add_argument("--resource", type=Path, default=None,
-                     help="the resource as YAML or JSON (default: env MT_RESOURCE, JSON)")
-    job.add_argument("--artifacts", type=Path,
-                     default=Path(os.environ.get("MT_ARTIFACTS_DIR", DEFAULT_POD_ARTIFACTS)))
+    job.add_argument(
+        "--resource",
+        type=Path,
+        default=None,
+        help="the resource as YAML or JSON (default: env MT_RESOURCE, JSON)",
+    )
+    job.add_argument(
+        "--artifacts",
+        type=Path,
+        default=Path(os.environ.get("MT_ARTIFACTS_DIR", DEFAULT_POD_ARTIFACTS)),
+    )
     job.add_argument("--redis-url", default=os.environ.get("MT_REDIS_URL") or None)
-    job.add_argument("--config-map-dir", type=Path,
-                     default=Path(os.environ.get("MT_CONFIGMAP_DIR", DEFAULT_POD_CONFIGMAPS)))
+    job.add_argument(
+        "--config-map-dir",
+        type=Path,
+        default=Path(os.environ.get("MT_CONFIGMAP_DIR", DEFAULT_POD_CONFIGMAPS)),
+    )
     job.add_argument("--attempt", type=int, default=int(os.environ.get("MT_ATTEMPT", "0")))
 
     ev = sub.add_parser("evaluate", help="evaluate a trained model on a corpus or split")
-    ev.add_argument("--model", type=Path, required=True,
-                    help="directory with model.safetensors, config.json and tokenizer.json")
+    ev.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        help="directory with model.safetensors, config.json and tokenizer.json",
+    )
     source = ev.add_mutually_exclusive_group(required=True)
     source.add_argument("--corpus-path", help="a UTF-8 file or directory")
-    source.add_argument("-f", "--file", type=Path,
-                        help="a TrainingRun YAML whose corpus and holdoutFraction are used")
+    source.add_argument(
+        "-f",
+        "--file",
+        type=Path,
+        help="a TrainingRun YAML whose corpus and holdoutFraction are used",
+    )
     ev.add_argument("--split", choices=["holdout", "train", "all"], default="holdout")
     ev.add_argument("--holdout-fraction", type=float, default=None)
-    ev.add_argument("--artifacts", type=Path, default=Path.cwd(),
-                    help="root that relative corpus paths resolve against")
+    ev.add_argument(
+        "--artifacts",
+        type=Path,
+        default=Path.cwd(),
+        help="root that relative corpus paths resolve against",
+    )
     ev.add_argument("--out", type=Path, default=None, help="write the metrics JSON here")
 
     crds = sub.add_parser("crds", help="write the CustomResourceDefinitions")
@@ -81,10 +117,18 @@ def _cmd_job(args: argparse.Namespace) -> int:
     from model_trainer.pod import run_pod_job
 
     resource_file: Path | None = args.resource
-    text = (resource_file.read_text(encoding="utf-8") if resource_file is not None
-            else os.environ.get("MT_RESOURCE", ""))
-    outcome = run_pod_job(text, artifacts_root=args.artifacts, redis_url=args.redis_url,
-                          config_map_dir=args.config_map_dir, attempt=args.attempt)
+    text = (
+        resource_file.read_text(encoding="utf-8")
+        if resource_file is not None
+        else os.environ.get("MT_RESOURCE", "")
+    )
+    outcome = run_pod_job(
+        text,
+        artifacts_root=args.artifacts,
+        redis_url=args.redis_url,
+        config_map_dir=args.config_map_dir,
+        attempt=args.attempt,
+    )
     _write_termination_message(f"{outcome.reason}: {outcome.message}")
     return outcome.exit_code
 
@@ -118,8 +162,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         corpus = CorpusSource(path=args.corpus_path)
     ctx = CorpusContext(artifacts_root=artifacts.resolve(), config_maps=config_maps)
-    metrics = evaluate_run_dir(args.model, corpus, ctx, args.split,
-                               fraction if fraction is not None else 0.05, args.out)
+    metrics = evaluate_run_dir(
+        args.model, corpus, ctx, args.split, fraction if fraction is not None else 0.05, args.out
+    )
     sys.stdout.write(json.dumps(metrics.model_dump(mode="json", by_alias=True), indent=2) + "\n")
     return 0
 

@@ -27,8 +27,13 @@ class ConsoleReporter:
             return
         bar = self._bar
         if bar is None:
-            bar = self._bar = tqdm(total=progress.total_steps, desc=self.label, unit="step",
-                                   dynamic_ncols=True, file=sys.stderr)
+            bar = self._bar = tqdm(
+                total=progress.total_steps,
+                desc=self.label,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
         bar.n = progress.step
         postfix = {}
         if progress.loss is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import os
+import http.client
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -64,7 +64,9 @@ def load_corpus(source: CorpusSource, ctx: CorpusContext) -> Corpus:
     if not text.strip():
         raise CorpusError(f"corpus {source.describe()} is empty")
     return Corpus(
-        text=text, sha256=hashlib.sha256(data).hexdigest(), n_bytes=len(data),
+        text=text,
+        sha256=hashlib.sha256(data).hexdigest(),
+        n_bytes=len(data),
         source=source.describe(),
     )
 
@@ -97,7 +99,8 @@ def _read_path(raw: str, ctx: CorpusContext) -> bytes:
         return _read_file(path)
     if path.is_dir():
         files = sorted(
-            p for p in path.rglob("*")
+            p
+            for p in path.rglob("*")
             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
         if not files:
@@ -134,9 +137,9 @@ def _read_config_map(name: str, key: str | None, ctx: CorpusContext) -> bytes:
         if key not in data:
             raise CorpusError(f"ConfigMap {name!r} has no key {key!r}")
         return data[key].encode("utf-8")
-    return "".join(
-        v if v.endswith("\n") else v + "\n" for _, v in sorted(data.items())
-    ).encode("utf-8")
+    return "".join(v if v.endswith("\n") else v + "\n" for _, v in sorted(data.items())).encode(
+        "utf-8"
+    )
 
 
 def _download(url: str, sha256: str, ctx: CorpusContext) -> bytes:
@@ -158,13 +161,19 @@ def _download(url: str, sha256: str, ctx: CorpusContext) -> bytes:
         if offset:
             request.add_header("Range", f"bytes={offset}-")
         try:
-            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - http(s) only, checked by the schema
+            with urllib.request.urlopen(request, timeout=30) as response:
                 status = response.status
                 if offset and status != 206:
                     offset = 0  # the server ignored the range: start over
+                expected = response.headers.get("Content-Length")
+                received = 0
                 with partial.open("ab" if offset else "wb") as out:
                     while chunk := response.read(DOWNLOAD_CHUNK_BYTES):
                         out.write(chunk)
+                        received += len(chunk)
+                # http.client returns a short body without an error when the peer closes early
+                if expected is not None and received < int(expected):
+                    raise ConnectionError(f"connection closed after {received} of {expected} bytes")
             break
         except urllib.error.HTTPError as exc:
             if exc.code == 416 and offset:
@@ -172,17 +181,18 @@ def _download(url: str, sha256: str, ctx: CorpusContext) -> bytes:
             if 400 <= exc.code < 500:
                 raise CorpusError(f"download of {url} failed: HTTP {exc.code}") from None
             last_error = f"HTTP {exc.code}"
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as exc:
             last_error = str(exc)
     else:
-        raise CorpusError(f"download of {url} failed after {DOWNLOAD_ATTEMPTS} attempts: "
-                          f"{last_error}")
+        raise CorpusError(
+            f"download of {url} failed after {DOWNLOAD_ATTEMPTS} attempts: {last_error}"
+        )
     data = partial.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != sha256:
         partial.unlink()
         raise CorpusError(f"download of {url} has sha256 {digest}, expected {sha256}")
-    os.replace(partial, final)
+    partial.replace(final)
     return data
 
 

@@ -55,7 +55,7 @@ class CheckpointError(TrainerError):
     reason = "CheckpointUnusable"
 
 
-class JobCancelled(Exception):  # noqa: N818 - a signal, not an error
+class JobCancelled(Exception):
     """Raised once a cancelled job has saved its state; maps to exit code 3."""
 
     exit_code = EXIT_CANCELLED

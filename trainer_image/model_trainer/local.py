@@ -19,8 +19,9 @@ from model_trainer.runner import JobOutcome, run_job
 logger = log.get_logger(__name__)
 
 
-def _reporter_for(resource: Resource, token: CancelToken, redis_url: str | None,
-                  progress_bar: bool | None) -> Reporter:
+def _reporter_for(
+    resource: Resource, token: CancelToken, redis_url: str | None, progress_bar: bool | None
+) -> Reporter:
     members: list[Reporter] = [
         NullReporter(token),
         ConsoleReporter(f"{resource.kind}/{resource.metadata.name}", enabled=progress_bar),
@@ -32,9 +33,14 @@ def _reporter_for(resource: Resource, token: CancelToken, redis_url: str | None,
     return MultiReporter(members)
 
 
-def run_documents(docs: Documents, artifacts_root: Path, *, redis_url: str | None = None,
-                  progress_bar: bool | None = None,
-                  token: CancelToken | None = None) -> list[JobOutcome]:
+def run_documents(
+    docs: Documents,
+    artifacts_root: Path,
+    *,
+    redis_url: str | None = None,
+    progress_bar: bool | None = None,
+    token: CancelToken | None = None,
+) -> list[JobOutcome]:
     token = token or CancelToken()
     ctx = CorpusContext(artifacts_root=artifacts_root, config_maps=docs.config_maps)
     outcomes: list[JobOutcome] = []
@@ -43,16 +49,29 @@ def run_documents(docs: Documents, artifacts_root: Path, *, redis_url: str | Non
         if resource.metadata.uid is None:
             resource.metadata.uid = str(uuid.uuid4())
         if isinstance(resource, TrainingRun):
-            dep = failed_tokenizers.get((resource.metadata.namespace,
-                                         resource.spec.tokenizer_ref.name))
+            dep = failed_tokenizers.get(
+                (resource.metadata.namespace, resource.spec.tokenizer_ref.name)
+            )
             if dep is not None:
-                message = (f"TokenizerJob {dep.name} ended {dep.phase.value}: {dep.message}")
-                logger.error("job_skipped", kind=resource.kind, name=resource.metadata.name,
-                             reason="TokenizerFailed", error=message)
-                outcomes.append(JobOutcome(kind=resource.kind, name=resource.metadata.name,
-                                           phase=Phase.FAILED, exit_code=EXIT_INVALID_INPUT,
-                                           out_dir=artifacts_root, reason="TokenizerFailed",
-                                           message=message))
+                message = f"TokenizerJob {dep.name} ended {dep.phase.value}: {dep.message}"
+                logger.error(
+                    "job_skipped",
+                    kind=resource.kind,
+                    name=resource.metadata.name,
+                    reason="TokenizerFailed",
+                    error=message,
+                )
+                outcomes.append(
+                    JobOutcome(
+                        kind=resource.kind,
+                        name=resource.metadata.name,
+                        phase=Phase.FAILED,
+                        exit_code=EXIT_INVALID_INPUT,
+                        out_dir=artifacts_root,
+                        reason="TokenizerFailed",
+                        message=message,
+                    )
+                )
                 continue
         reporter = _reporter_for(resource, token, redis_url, progress_bar)
         try:
@@ -77,14 +96,20 @@ def exit_code(outcomes: Sequence[JobOutcome]) -> int:
 def summary(outcomes: Sequence[JobOutcome]) -> str:
     lines = []
     for o in outcomes:
-        lines.append(f"{o.kind}/{o.name}: {o.phase.value} in {o.duration_seconds:.1f}s"
-                     + (f" ({o.reason}: {o.message})" if o.phase is not Phase.SUCCEEDED else ""))
+        lines.append(
+            f"{o.kind}/{o.name}: {o.phase.value} in {o.duration_seconds:.1f}s"
+            + (f" ({o.reason}: {o.message})" if o.phase is not Phase.SUCCEEDED else "")
+        )
         if o.stats is not None:
-            lines.append(f"  vocab {o.stats.vocab_size}, {o.stats.bytes_per_token:.3f} bytes/token"
-                         f" on the holdout, vocab used {o.stats.vocab_used_fraction:.1%}")
+            lines.append(
+                f"  vocab {o.stats.vocab_size}, {o.stats.bytes_per_token:.3f} bytes/token"
+                f" on the holdout, vocab used {o.stats.vocab_used_fraction:.1%}"
+            )
         if o.eval is not None:
-            lines.append(f"  holdout loss {o.eval.loss:.4f}, perplexity {o.eval.perplexity:.2f}, "
-                         f"bits/byte {o.eval.bits_per_byte:.4f} ({o.eval.tokens} tokens)")
+            lines.append(
+                f"  holdout loss {o.eval.loss:.4f}, perplexity {o.eval.perplexity:.2f}, "
+                f"bits/byte {o.eval.bits_per_byte:.4f} ({o.eval.tokens} tokens)"
+            )
         if o.files:
             lines.append(f"  artifacts: {o.out_dir}")
             lines.extend(f"    {name}" for name in o.files)

@@ -22,9 +22,13 @@ def _tee_to_job_logs(_logger: WrappedLogger, _method: str, event_dict: EventDict
     if _sinks:
         line = json.dumps(event_dict, default=str, sort_keys=True) + "\n"
         with _sinks_lock:
-            for sink in _sinks:
-                sink.write(line)
-                sink.flush()
+            for sink in list(_sinks):
+                try:
+                    sink.write(line)
+                    sink.flush()
+                except OSError:
+                    # A full disk must not turn logging into the failure; stderr still has it.
+                    _sinks.remove(sink)
     return event_dict
 
 
@@ -55,14 +59,17 @@ def get_logger(name: str) -> FilteringBoundLogger:
 def job_log(path: Path) -> Iterator[None]:
     """Append every log event to `path` (JSON lines) while the block runs."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as sink:
+    sink = path.open("a", encoding="utf-8")
+    with _sinks_lock:
+        _sinks.append(sink)
+    try:
+        yield
+    finally:
         with _sinks_lock:
-            _sinks.append(sink)
-        try:
-            yield
-        finally:
-            with _sinks_lock:
+            if sink in _sinks:
                 _sinks.remove(sink)
+        with contextlib.suppress(OSError):
+            sink.close()
 
 
 @contextlib.contextmanager

@@ -18,11 +18,20 @@ from model_trainer.runner import JobOutcome, run_job
 logger = log.get_logger(__name__)
 
 
-def run_pod_job(resource_text: str, *, artifacts_root: Path, redis_url: str | None,
-                config_map_dir: Path | None, attempt: int = 0) -> JobOutcome:
+def run_pod_job(
+    resource_text: str,
+    *,
+    artifacts_root: Path,
+    redis_url: str | None,
+    config_map_dir: Path | None,
+    attempt: int = 0,
+) -> JobOutcome:
     try:
-        document: object = (json.loads(resource_text) if resource_text.lstrip().startswith("{")
-                            else yaml.safe_load(resource_text))
+        document: object = (
+            json.loads(resource_text)
+            if resource_text.lstrip().startswith("{")
+            else yaml.safe_load(resource_text)
+        )
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise InvalidInputError(f"the resource is not valid JSON or YAML: {exc}") from None
     resource = parse_resource(document, "resource")
@@ -39,13 +48,19 @@ def run_pod_job(resource_text: str, *, artifacts_root: Path, redis_url: str | No
     else:
         logger.warning("no_redis", detail="MT_REDIS_URL unset: no status reporting")
     reporter = MultiReporter(members)
-    ctx = CorpusContext(artifacts_root=artifacts_root, config_map_dir=config_map_dir,
-                        allow_absolute_paths=False)
+    ctx = CorpusContext(
+        artifacts_root=artifacts_root, config_map_dir=config_map_dir, allow_absolute_paths=False
+    )
     try:
         outcome = run_job(resource, artifacts_root, ctx, reporter)
     finally:
         reporter.close()
     if outcome.phase is Phase.FAILED and outcome.exit_code == 0:
-        return JobOutcome(kind=outcome.kind, name=outcome.name, phase=outcome.phase,
-                          exit_code=EXIT_INVALID_INPUT, out_dir=outcome.out_dir)
+        return JobOutcome(
+            kind=outcome.kind,
+            name=outcome.name,
+            phase=outcome.phase,
+            exit_code=EXIT_INVALID_INPUT,
+            out_dir=outcome.out_dir,
+        )
     return outcome

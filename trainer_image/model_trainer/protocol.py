@@ -141,8 +141,16 @@ def request_cancel(client: redis.Redis, uid: str) -> None:
     client.set(keys_for(uid).cancel, "1", ex=STATE_TTL_SECONDS)
 
 
+CANCEL_VALUES = frozenset({"1", "true", "yes"})
+
+
+def _is_cancel(value: str | None) -> bool:
+    """The operator writes "1"; a person typing `SET ... true` by hand means the same."""
+    return value is not None and value.strip().lower() in CANCEL_VALUES
+
+
 def cancel_requested(client: redis.Redis, uid: str) -> bool:
-    return _decode(client.get(keys_for(uid).cancel)) == "1"
+    return _is_cancel(_decode(client.get(keys_for(uid).cancel)))
 
 
 def read_run(client: redis.Redis, uid: str) -> RunSnapshot:
@@ -160,7 +168,7 @@ def read_run(client: redis.Redis, uid: str) -> RunSnapshot:
         state=_parse(RunState, state_text),
         progress=_parse(Progress, progress_text),
         eval=_parse(EvalMetrics, eval_text),
-        cancel_requested=cancel_text == "1",
+        cancel_requested=_is_cancel(cancel_text),
     )
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from model_trainer import log
 from model_trainer.api import EvalMetrics, Phase, TokenizerJob, TrainingRun
 from model_trainer.api.tokenizer_job import TokenizerStats
-from model_trainer.artifacts import LOGS_NAME, job_dir
+from model_trainer.artifacts import LOGS_NAME, TOKENIZER_FILE, job_dir
 from model_trainer.corpus import CorpusContext
 from model_trainer.errors import (
     EXIT_CANCELLED,
@@ -23,7 +23,6 @@ from model_trainer.errors import (
 from model_trainer.reporting import Reporter
 from model_trainer.resources import Resource
 
-TOKENIZER_FILE = "tokenizer.json"
 logger = log.get_logger(__name__)
 
 
@@ -43,32 +42,55 @@ class JobOutcome:
 
 
 def tokenizer_path(artifacts_root: Path, run: TrainingRun) -> Path:
-    ref_dir = job_dir(artifacts_root, run.metadata.namespace, "TokenizerJob",
-                      run.spec.tokenizer_ref.name)
+    ref_dir = job_dir(
+        artifacts_root, run.metadata.namespace, "TokenizerJob", run.spec.tokenizer_ref.name
+    )
     return ref_dir / TOKENIZER_FILE
 
 
-def run_job(resource: Resource, artifacts_root: Path, ctx: CorpusContext,
-            reporter: Reporter) -> JobOutcome:
+def run_job(
+    resource: Resource, artifacts_root: Path, ctx: CorpusContext, reporter: Reporter
+) -> JobOutcome:
     meta = resource.metadata
     out_dir = job_dir(artifacts_root, meta.namespace, resource.kind, meta.name)
     started = time.monotonic()
 
-    def outcome(phase: Phase, exit_code: int, reason: str = "", message: str = "",
-                metrics: EvalMetrics | None = None,
-                stats: TokenizerStats | None = None) -> JobOutcome:
-        files = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.glob("*")
-                       if p.is_file() and not p.name.startswith(".")) if out_dir.is_dir() else []
+    def outcome(
+        phase: Phase,
+        exit_code: int,
+        reason: str = "",
+        message: str = "",
+        metrics: EvalMetrics | None = None,
+        stats: TokenizerStats | None = None,
+    ) -> JobOutcome:
+        files = (
+            sorted(
+                p.relative_to(out_dir).as_posix()
+                for p in out_dir.glob("*")
+                if p.is_file() and not p.name.startswith(".")
+            )
+            if out_dir.is_dir()
+            else []
+        )
         return JobOutcome(
-            kind=resource.kind, name=meta.name, phase=phase, exit_code=exit_code, out_dir=out_dir,
-            reason=reason, message=message, duration_seconds=time.monotonic() - started,
-            eval=metrics, stats=stats, files=files,
+            kind=resource.kind,
+            name=meta.name,
+            phase=phase,
+            exit_code=exit_code,
+            out_dir=out_dir,
+            reason=reason,
+            message=message,
+            duration_seconds=time.monotonic() - started,
+            eval=metrics,
+            stats=stats,
+            files=files,
         )
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    with log.job_log(out_dir / LOGS_NAME), log.bound(kind=resource.kind, name=meta.name,
-                                                     namespace=meta.namespace,
-                                                     uid=meta.uid or ""):
+    with (
+        log.job_log(out_dir / LOGS_NAME),
+        log.bound(kind=resource.kind, name=meta.name, namespace=meta.namespace, uid=meta.uid or ""),
+    ):
         reporter.phase(Phase.RUNNING, "training started")
         logger.info("job_started", out_dir=str(out_dir))
         try:
@@ -78,10 +100,14 @@ def run_job(resource: Resource, artifacts_root: Path, ctx: CorpusContext,
                 from model_trainer.tokenizer import train_tokenizer
 
                 result = train_tokenizer(resource, out_dir, ctx, reporter)
-                done = outcome(Phase.SUCCEEDED, EXIT_SUCCEEDED, "Succeeded",
-                               f"tokenizer trained: {result.stats.vocab_size} tokens, "
-                               f"{result.stats.bytes_per_token:.2f} bytes/token",
-                               stats=result.stats)
+                done = outcome(
+                    Phase.SUCCEEDED,
+                    EXIT_SUCCEEDED,
+                    "Succeeded",
+                    f"tokenizer trained: {result.stats.vocab_size} tokens, "
+                    f"{result.stats.bytes_per_token:.2f} bytes/token",
+                    stats=result.stats,
+                )
             else:
                 from model_trainer.lm import train_model
 
@@ -92,9 +118,13 @@ def run_job(resource: Resource, artifacts_root: Path, ctx: CorpusContext,
                         f"found at {tok}: run that TokenizerJob first"
                     )
                 trained = train_model(resource, out_dir, tok, ctx, reporter)
-                done = outcome(Phase.SUCCEEDED, EXIT_SUCCEEDED, "Succeeded",
-                               f"trained {trained.steps} steps, eval loss "
-                               f"{trained.final_eval.loss:.4f}", metrics=trained.final_eval)
+                done = outcome(
+                    Phase.SUCCEEDED,
+                    EXIT_SUCCEEDED,
+                    "Succeeded",
+                    f"trained {trained.steps} steps, eval loss {trained.final_eval.loss:.4f}",
+                    metrics=trained.final_eval,
+                )
         except JobCancelled:
             logger.warning("job_cancelled")
             reporter.phase(Phase.CANCELLED, "cancelled on request; artifacts kept", "Cancelled")
@@ -107,7 +137,8 @@ def run_job(resource: Resource, artifacts_root: Path, ctx: CorpusContext,
             logger.exception("job_crashed", error=str(exc))
             reporter.phase(Phase.FAILED, f"internal error: {exc}", "InternalError")
             return outcome(Phase.FAILED, EXIT_FAILED, "InternalError", str(exc))
-        logger.info("job_succeeded", message=done.message,
-                    duration_seconds=round(done.duration_seconds, 3))
+        logger.info(
+            "job_succeeded", message=done.message, duration_seconds=round(done.duration_seconds, 3)
+        )
         reporter.phase(Phase.SUCCEEDED, done.message, "Succeeded")
         return done

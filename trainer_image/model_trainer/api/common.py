@@ -81,8 +81,15 @@ class CorpusSource(ApiModel):
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> CorpusSource:
-        chosen = [n for n, v in (("path", self.path), ("configMapRef", self.config_map_ref),
-                                 ("url", self.url)) if v is not None]
+        chosen = [
+            n
+            for n, v in (
+                ("path", self.path),
+                ("configMapRef", self.config_map_ref),
+                ("url", self.url),
+            )
+            if v is not None
+        ]
         if len(chosen) != 1:
             raise ValueError(
                 "exactly one of path, configMapRef or url must be set, got "

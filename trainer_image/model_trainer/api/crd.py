@@ -52,8 +52,7 @@ RESOURCES = (
         "volume.",
         printer_columns=(
             *_COMMON_COLUMNS,
-            {"name": "Bytes/Token", "type": "number",
-             "jsonPath": ".status.stats.bytesPerToken"},
+            {"name": "Bytes/Token", "type": "number", "jsonPath": ".status.stats.bytesPerToken"},
             _AGE,
         ),
     ),
@@ -68,8 +67,12 @@ RESOURCES = (
         printer_columns=(
             *_COMMON_COLUMNS,
             {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
-            {"name": "Eval BPB", "type": "number", "jsonPath": ".status.eval.bitsPerByte",
-             "priority": 1},
+            {
+                "name": "Eval BPB",
+                "type": "number",
+                "jsonPath": ".status.eval.bitsPerByte",
+                "priority": 1,
+            },
             _AGE,
         ),
     ),

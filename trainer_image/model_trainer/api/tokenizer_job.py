@@ -25,7 +25,8 @@ class TokenizerJobSpec(RuntimeSpec):
         json_schema_extra={
             "x-kubernetes-validations": [
                 {
-                    "rule": "self.algorithm != 'bpe' || self.vocabSize >= 256 + size(self.specialTokens)",
+                    "rule": "self.algorithm != 'bpe' "
+                    "|| self.vocabSize >= 256 + size(self.specialTokens)",
                     "message": "vocabSize of a byte-level bpe tokenizer must cover the 256 byte "
                     "alphabet plus the special tokens",
                 },

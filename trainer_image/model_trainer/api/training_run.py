@@ -32,8 +32,10 @@ class ModelSpec(ApiModel):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                {"rule": "self.nEmbd % self.nHead == 0",
-                 "message": "nEmbd must be divisible by nHead"},
+                {
+                    "rule": "self.nEmbd % self.nHead == 0",
+                    "message": "nEmbd must be divisible by nHead",
+                },
             ]
         }
     )
@@ -62,8 +64,10 @@ class TrainingSpec(ApiModel):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                {"rule": "self.warmupSteps <= self.maxSteps",
-                 "message": "warmupSteps must not exceed maxSteps"},
+                {
+                    "rule": "self.warmupSteps <= self.maxSteps",
+                    "message": "warmupSteps must not exceed maxSteps",
+                },
             ]
         }
     )
@@ -129,8 +133,7 @@ class TrainingRunSpec(RuntimeSpec):
                     "message": "tokenizerRef, corpus, holdoutFraction, model and training are "
                     "immutable",
                 },
-                {"rule": "!oldSelf.cancel || self.cancel",
-                 "message": "cancel cannot be undone"},
+                {"rule": "!oldSelf.cancel || self.cancel", "message": "cancel cannot be undone"},
             ]
         }
     )

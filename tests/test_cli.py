@@ -1,0 +1,290 @@
+"""Local mode end to end through the CLI, and every bad-input case the trainer must survive:
+a clear message, a non-zero exit, no traceback and no manifest presented as good."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from model_trainer import protocol
+from model_trainer.api import Phase
+from model_trainer.artifacts import sha256_file
+from model_trainer.cli import main
+from model_trainer.errors import (
+    EXIT_ARTIFACT_WRITE_FAILED,
+    EXIT_CANCELLED,
+    EXIT_INVALID_INPUT,
+    EXIT_SUCCEEDED,
+)
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def tokenizer_doc(corpus: str = "corpus.txt", **spec: object) -> dict[str, object]:
+    return {
+        "apiVersion": "modeltrainer.io/v1alpha1",
+        "kind": "TokenizerJob",
+        "metadata": {"name": "tok"},
+        "spec": {"vocabSize": 320, "holdoutFraction": 0.1, "corpus": {"path": corpus}, **spec},
+    }
+
+
+def run_doc(corpus: str = "corpus.txt", tokenizer: str = "tok", **overrides: object):
+    spec: dict[str, object] = {
+        "tokenizerRef": {"name": tokenizer},
+        "corpus": {"path": corpus},
+        "holdoutFraction": 0.1,
+        "model": {"nLayer": 2, "nHead": 2, "nEmbd": 32, "contextLength": 32},
+        "training": {
+            "maxSteps": 12,
+            "batchSize": 4,
+            "warmupSteps": 2,
+            "evalEvery": 6,
+            "checkpointEvery": 6,
+            "learningRate": 0.003,
+            "precision": "fp32",
+        },
+        "evaluation": {"maxTokens": 2048, "samplePrompts": ["ROMEO:"], "sampleMaxNewTokens": 8},
+    }
+    spec.update(overrides)
+    return {
+        "apiVersion": "modeltrainer.io/v1alpha1",
+        "kind": "TrainingRun",
+        "metadata": {"name": "gpt"},
+        "spec": spec,
+    }
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:60_000]
+    (artifacts / "corpus.txt").write_text(text, encoding="utf-8")
+    return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers():
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def write_yaml(path: Path, *docs: object) -> Path:
+    path.write_text(yaml.safe_dump_all(docs), encoding="utf-8")
+    return path
+
+
+def manifests(root: Path) -> list[Path]:
+    return sorted(root.rglob("manifest.json"))
+
+
+def test_local_run_end_to_end(workspace: Path):
+    files = [
+        write_yaml(workspace / "tok.yaml", tokenizer_doc()),
+        write_yaml(workspace / "run.yaml", run_doc()),
+    ]
+    artifacts = workspace / "artifacts"
+    cmd = [sys.executable, "-m", "model_trainer", "run", "--artifacts", str(artifacts)]
+    for f in files[::-1]:  # given out of order on purpose: dependency order is the runner's job
+        cmd += ["-f", str(f)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == EXIT_SUCCEEDED, proc.stderr[-3000:]
+    assert "TokenizerJob/tok: Succeeded" in proc.stdout
+    assert "TrainingRun/gpt: Succeeded" in proc.stdout
+    assert "holdout loss" in proc.stdout and "bits/byte" in proc.stdout
+
+    tok_dir = artifacts / "default" / "tokenizerjobs" / "tok"
+    run_dir = artifacts / "default" / "trainingruns" / "gpt"
+    assert str(run_dir) in proc.stdout
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "eval/metrics.json",
+        "eval/samples.jsonl",
+        "logs.jsonl",
+        "manifest.json",
+    ):
+        assert (run_dir / name).is_file(), name
+    for directory in (tok_dir, run_dir):
+        manifest = json.loads((directory / "manifest.json").read_text())
+        assert manifest["status"] == "succeeded"
+        for rel, digest in manifest["files"].items():
+            assert sha256_file(directory / rel) == digest, rel
+        events = [json.loads(line) for line in (directory / "logs.jsonl").read_text().splitlines()]
+        assert {"job_started", "job_succeeded"} <= {e["event"] for e in events}
+    # stderr is JSON lines only: structured logs, no stray output
+    for line in proc.stderr.splitlines():
+        json.loads(line)
+
+
+def run_cli(workspace: Path, *docs: object) -> int:
+    path = write_yaml(workspace / "input.yaml", *docs)
+    return main(["run", "-f", str(path), "--artifacts", str(workspace / "artifacts")])
+
+
+@pytest.mark.parametrize(
+    ("prepare", "docs", "message"),
+    [
+        (lambda a: (a / "empty.txt").write_text(""), [tokenizer_doc("empty.txt")], "is empty"),
+        (lambda a: None, [tokenizer_doc("missing.txt")], "does not exist"),
+        (
+            lambda a: (a / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1") * 50),
+            [tokenizer_doc("latin1.txt")],
+            "not UTF-8",
+        ),
+        (lambda a: None, [tokenizer_doc(vocabSize=100)], "below the byte-level alphabet"),
+        (
+            lambda a: None,
+            [tokenizer_doc(), run_doc(model={"nEmbd": 30, "nHead": 4})],
+            "divisible by nHead",
+        ),
+        (lambda a: None, [run_doc(tokenizer="nope")], "TokenizerJob 'nope'"),
+        (
+            lambda a: (a / "short.txt").write_text("to be or not to be\n" * 40),
+            [tokenizer_doc(), run_doc(corpus="short.txt", model={"contextLength": 1024})],
+            "longer than the corpus",
+        ),
+    ],
+    ids=[
+        "empty-corpus",
+        "missing-corpus",
+        "not-utf8",
+        "vocab-below-alphabet",
+        "nembd-not-divisible",
+        "missing-tokenizer",
+        "context-longer-than-corpus",
+    ],
+)
+def test_bad_input_gets_a_clear_error(workspace: Path, capfd, prepare, docs, message):
+    artifacts = workspace / "artifacts"
+    prepare(artifacts)
+    code = run_cli(workspace, *docs)
+    out, err = capfd.readouterr()
+    assert code == EXIT_INVALID_INPUT
+    assert message in err
+    assert "Traceback" not in err and "Traceback" not in out
+    good = [m for m in manifests(artifacts) if "trainingruns" in m.parts or len(docs) == 1]
+    assert good == [], "a failed job left a manifest behind"
+
+
+def _limit_file_size() -> None:
+    # A real write failure without root: the kernel refuses writes past this size with EFBIG
+    # (Python ignores SIGXFSZ), the same path an ENOSPC takes through our code.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+
+def test_write_failure_on_the_artifacts_volume(workspace: Path):
+    files = [
+        write_yaml(workspace / "tok.yaml", tokenizer_doc()),
+        write_yaml(
+            workspace / "run.yaml",
+            run_doc(model={"nLayer": 2, "nHead": 2, "nEmbd": 64, "contextLength": 32}),
+        ),
+    ]
+    artifacts = workspace / "artifacts"
+    cmd = [
+        sys.executable,
+        "-m",
+        "model_trainer",
+        "run",
+        "--artifacts",
+        str(artifacts),
+        "-f",
+        str(files[0]),
+        "-f",
+        str(files[1]),
+    ]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        preexec_fn=_limit_file_size,
+        env={**os.environ, "MT_COMPILE": "0"},
+    )
+    assert proc.returncode == EXIT_ARTIFACT_WRITE_FAILED, proc.stderr[-3000:]
+    failure = [json.loads(line) for line in proc.stderr.splitlines() if '"job_failed"' in line]
+    assert len(failure) == 1, proc.stderr[-1500:]
+    assert failure[0]["reason"] == "ArtifactWriteFailed"
+    assert "File too large" in failure[0]["error"] or "file size limit" in failure[0]["error"]
+    assert "Traceback" not in proc.stderr
+    assert not (artifacts / "default" / "trainingruns" / "gpt" / "manifest.json").exists()
+    assert "TrainingRun/gpt: Failed" in proc.stdout
+
+
+def test_local_mode_speaks_the_redis_protocol(workspace: Path, redis_server, capfd):
+    tok, run = tokenizer_doc(), run_doc()
+    tok["metadata"] = {"name": "tok", "uid": "tok-uid-1"}
+    run["metadata"] = {"name": "gpt", "uid": "run-uid-1"}
+    path = write_yaml(workspace / "both.yaml", tok, run)
+    code = main(
+        [
+            "run",
+            "-f",
+            str(path),
+            "--artifacts",
+            str(workspace / "artifacts"),
+            "--redis-url",
+            redis_server.url,
+        ]
+    )
+    capfd.readouterr()
+    assert code == EXIT_SUCCEEDED
+    client = redis_server.client()
+    snap = protocol.read_run(client, "run-uid-1")
+    assert snap.state is not None and snap.state.phase is Phase.SUCCEEDED
+    assert snap.state.artifacts is not None and snap.state.artifacts.manifest_sha256
+    assert snap.progress is not None and snap.progress.step == snap.progress.total_steps == 12
+    assert snap.eval is not None and snap.eval.step == 12
+    assert snap.heartbeat is not None
+    tok_state = protocol.read_run(client, "tok-uid-1").state
+    assert tok_state is not None and tok_state.phase is Phase.SUCCEEDED
+
+
+def test_cancel_flag_in_redis_stops_a_local_run(workspace: Path, redis_server, capfd):
+    run = run_doc(
+        training={
+            "maxSteps": 100000,
+            "batchSize": 4,
+            "warmupSteps": 2,
+            "evalEvery": 1000,
+            "checkpointEvery": 1000,
+            "precision": "fp32",
+        }
+    )
+    run["metadata"] = {"name": "gpt", "uid": "run-uid-cancel"}
+    path = write_yaml(workspace / "both.yaml", tokenizer_doc(), run)
+    client = redis_server.client()
+    protocol.request_cancel(client, "run-uid-cancel")  # set before the run even starts
+    code = main(
+        [
+            "run",
+            "-f",
+            str(path),
+            "--artifacts",
+            str(workspace / "artifacts"),
+            "--redis-url",
+            redis_server.url,
+        ]
+    )
+    capfd.readouterr()
+    assert code == EXIT_CANCELLED
+    run_dir = workspace / "artifacts" / "default" / "trainingruns" / "gpt"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "cancelled"
+    assert sorted((run_dir / "checkpoints").iterdir()), "cancel must leave a checkpoint"
+    snap = protocol.read_run(client, "run-uid-cancel")
+    assert snap.state is not None and snap.state.phase is Phase.CANCELLED
