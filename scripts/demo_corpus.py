@@ -40,7 +40,8 @@ def main(argv: list[str]) -> int:
     if not out.is_file() or out.read_bytes() != data:
         out.write_bytes(data)
     log.configure()
-    log.get_logger("demo_corpus").info("demo_corpus", path=str(out), bytes=len(data), stdlib=str(stdlib))
+    logger = log.get_logger("demo_corpus")
+    logger.info("demo_corpus", path=str(out), bytes=len(data), stdlib=str(stdlib))
     return 0
 
 

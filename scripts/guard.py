@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _ast_findings(tree: ast.AST) -> Iterator[tuple[int, str]]:
     for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and node.id == "Any":
-            yield node.lineno, "uses Any"
-        elif isinstance(node, ast.Attribute) and node.attr == "Any":
+        if (isinstance(node, ast.Name) and node.id == "Any") or (
+            isinstance(node, ast.Attribute) and node.attr == "Any"
+        ):
             yield node.lineno, "uses Any"
         elif isinstance(node, ast.ImportFrom):
             for alias in node.names:
@@ -28,8 +28,11 @@ def _ast_findings(tree: ast.AST) -> Iterator[tuple[int, str]]:
                     yield node.lineno, f"imports {alias.name}"
         elif isinstance(node, ast.Call):
             func = node.func
-            name = func.id if isinstance(func, ast.Name) else (
-                func.attr if isinstance(func, ast.Attribute) else "")
+            name = (
+                func.id
+                if isinstance(func, ast.Name)
+                else (func.attr if isinstance(func, ast.Attribute) else "")
+            )
             if name == "cast":
                 yield node.lineno, "calls cast()"
             elif isinstance(func, ast.Name) and func.id == "print":

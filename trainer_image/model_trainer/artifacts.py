@@ -101,17 +101,22 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def file_digests(directory: Path) -> dict[str, str]:
-    """sha256 of every output file under `directory`, keyed by POSIX relative path."""
-    digests: dict[str, str] = {}
+def output_files(directory: Path) -> list[str]:
+    """POSIX relative paths of the job's output files: not checkpoints, hidden files, the
+    manifest or the log."""
+    files = []
     for path in sorted(directory.rglob("*")):
         rel = path.relative_to(directory)
         if not path.is_file() or rel.parts[0] == CHECKPOINTS_DIR or path.name.startswith("."):
             continue
-        if rel.as_posix() in _UNHASHED:
-            continue
-        digests[rel.as_posix()] = sha256_file(path)
-    return digests
+        if rel.as_posix() not in _UNHASHED:
+            files.append(rel.as_posix())
+    return files
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """sha256 of every output file under `directory`, keyed by POSIX relative path."""
+    return {rel: sha256_file(directory / rel) for rel in output_files(directory)}
 
 
 def write_manifest(directory: Path, manifest: dict[str, JsonValue]) -> str:

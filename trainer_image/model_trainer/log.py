@@ -16,6 +16,7 @@ from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 
 _sinks: list[IO[str]] = []
 _sinks_lock = threading.Lock()
+_write_lock = threading.Lock()
 
 
 def _tee_to_job_logs(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
@@ -32,6 +33,22 @@ def _tee_to_job_logs(_logger: WrappedLogger, _method: str, event_dict: EventDict
     return event_dict
 
 
+class _LineLogger:
+    """Writes each rendered line to `stream`, or to whatever sys.stderr is at write time, so that
+    a swapped stream (pytest's capture, a redirect) never leaves it writing to a closed file."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self._stream = stream
+
+    def msg(self, message: str) -> None:
+        stream = self._stream or sys.stderr
+        with _write_lock:
+            stream.write(message + "\n")
+            stream.flush()
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
 def configure(level: str = "info", stream: TextIO | None = None) -> None:
     """Send JSON log lines to `stream` (stderr by default) and to every open job log."""
     structlog.configure(
@@ -44,7 +61,7 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
             structlog.processors.JSONRenderer(default=str, sort_keys=True),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.WriteLoggerFactory(file=stream or sys.stderr),
+        logger_factory=lambda *_args: _LineLogger(stream),
         cache_logger_on_first_use=False,
     )
 

@@ -10,7 +10,13 @@ from pathlib import Path
 from model_trainer import log
 from model_trainer.api import EvalMetrics, Phase, TokenizerJob, TrainingRun
 from model_trainer.api.tokenizer_job import TokenizerStats
-from model_trainer.artifacts import LOGS_NAME, TOKENIZER_FILE, job_dir
+from model_trainer.artifacts import (
+    CHECKPOINTS_DIR,
+    LOGS_NAME,
+    TOKENIZER_FILE,
+    job_dir,
+    output_files,
+)
 from model_trainer.corpus import CorpusContext
 from model_trainer.errors import (
     EXIT_CANCELLED,
@@ -63,15 +69,9 @@ def run_job(
         metrics: EvalMetrics | None = None,
         stats: TokenizerStats | None = None,
     ) -> JobOutcome:
-        files = (
-            sorted(
-                p.relative_to(out_dir).as_posix()
-                for p in out_dir.glob("*")
-                if p.is_file() and not p.name.startswith(".")
-            )
-            if out_dir.is_dir()
-            else []
-        )
+        files = output_files(out_dir) if out_dir.is_dir() else []
+        if (out_dir / CHECKPOINTS_DIR).is_dir():
+            files.append(f"{CHECKPOINTS_DIR}/")
         return JobOutcome(
             kind=resource.kind,
             name=meta.name,

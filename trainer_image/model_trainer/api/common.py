@@ -188,7 +188,8 @@ class ArtifactsStatus(ApiModel):
     """Where the job's outputs are."""
 
     path: str
-    """Directory of the outputs, relative to the artifacts volume."""
+    """Directory of the outputs: <artifacts>/<namespace>/<kind plural>/<name>, where a pod
+    mounts the artifacts volume at <artifacts>."""
     manifest_sha256: str | None = None
     """sha256 of manifest.json, once written."""
 
