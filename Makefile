@@ -1,6 +1,7 @@
 # model-trainer. `make demo` and `make test` set up everything they need on a fresh machine.
 SHELL := /bin/bash
-UV ?= uv
+# uv installed by pip may not be on PATH yet: fall back to `python3 -m uv`.
+UV ?= $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 RUN := $(UV) run --frozen --no-sync
 ARTIFACTS ?= demo-artifacts
 PY_TREES := trainer_image tests bench scripts

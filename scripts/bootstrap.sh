@@ -20,10 +20,12 @@ if ! command -v redis-server >/dev/null 2>&1; then
   need_apt redis-server
 fi
 
-if ! command -v uv >/dev/null 2>&1; then
+if ! command -v uv >/dev/null 2>&1 && ! python3 -m uv --version >/dev/null 2>&1; then
   echo "bootstrap: installing uv" >&2
   python3 -m pip install --quiet --disable-pip-version-check "uv>=0.5,<1" \
     || python3 -m pip install --quiet --break-system-packages "uv>=0.5,<1"
 fi
 
-uv sync --frozen --all-extras --quiet
+# pip may put uv where PATH (or a pyenv shim) does not reach yet; `python3 -m uv` always works.
+if command -v uv >/dev/null 2>&1; then uv=(uv); else uv=(python3 -m uv); fi
+"${uv[@]}" sync --frozen --all-extras --quiet

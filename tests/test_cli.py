@@ -128,6 +128,38 @@ def test_local_run_end_to_end(workspace: Path):
     for line in proc.stderr.splitlines():
         json.loads(line)
 
+    # On-demand evaluation of the finished model is its own entry point.
+    metrics_path = workspace / "eval-train.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "model_trainer",
+            "evaluate",
+            "--model",
+            str(run_dir),
+            "-f",
+            str(files[1]),
+            "--artifacts",
+            str(artifacts),
+            "--split",
+            "holdout",
+            "--out",
+            str(metrics_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    on_demand = json.loads(metrics_path.read_text())
+    final = json.loads((run_dir / "eval" / "metrics.json").read_text())["final"]
+    # The same model on the same holdout sample gives the same numbers as the run's final eval.
+    assert on_demand["tokens"] == final["tokens"]
+    assert abs(on_demand["loss"] - final["loss"]) < 1e-4
+    assert json.loads(proc.stdout)["bitsPerByte"] == on_demand["bitsPerByte"]
+
 
 def run_cli(workspace: Path, *docs: object) -> int:
     path = write_yaml(workspace / "input.yaml", *docs)
@@ -288,3 +320,41 @@ def test_cancel_flag_in_redis_stops_a_local_run(workspace: Path, redis_server, c
     assert sorted((run_dir / "checkpoints").iterdir()), "cancel must leave a checkpoint"
     snap = protocol.read_run(client, "run-uid-cancel")
     assert snap.state is not None and snap.state.phase is Phase.CANCELLED
+
+
+def test_pod_entry_point_reports_to_redis_and_stays_inside_the_volume(
+    workspace: Path, redis_server
+):
+    artifacts = workspace / "artifacts"
+    good = tokenizer_doc()
+    good["metadata"] = {"name": "tok", "namespace": "team-a", "uid": "pod-uid-1"}
+    escaping = tokenizer_doc("/etc/hostname")
+    escaping["metadata"] = {"name": "tok2", "uid": "pod-uid-2"}
+    env = {
+        **os.environ,
+        "MT_REDIS_URL": redis_server.url,
+        "MT_ARTIFACTS_DIR": str(artifacts),
+        "MT_ATTEMPT": "1",
+    }
+    results = []
+    for doc in (good, escaping):
+        proc = subprocess.run(
+            [sys.executable, "-m", "model_trainer", "job"],
+            env={**env, "MT_RESOURCE": json.dumps(doc)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        results.append(proc)
+    assert results[0].returncode == EXIT_SUCCEEDED, results[0].stderr[-2000:]
+    assert (artifacts / "team-a" / "tokenizerjobs" / "tok" / "tokenizer.json").is_file()
+    state = protocol.read_run(redis_server.client(), "pod-uid-1").state
+    assert state is not None and state.phase is Phase.SUCCEEDED and state.attempt == 1
+
+    # In a pod an absolute corpus path is read inside the artifacts volume, never the host's.
+    assert results[1].returncode == EXIT_INVALID_INPUT
+    assert "does not exist" in results[1].stderr and str(artifacts) in results[1].stderr
+    state = protocol.read_run(redis_server.client(), "pod-uid-2").state
+    assert state is not None and state.phase is Phase.FAILED
+    assert state.reason == "InvalidCorpus"

@@ -89,6 +89,13 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=["holdout", "train", "all"], default="holdout")
     ev.add_argument("--holdout-fraction", type=float, default=None)
     ev.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="evaluate a fixed sample of this many tokens (default: the TrainingRun's "
+        "evaluation.maxTokens with -f, else the whole split)",
+    )
+    ev.add_argument(
         "--artifacts",
         type=Path,
         default=Path.cwd(),
@@ -150,6 +157,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     artifacts: Path = args.artifacts
     fraction: float | None = args.holdout_fraction
+    max_tokens: int | None = args.max_tokens
     config_maps: dict[str, dict[str, str]] = {}
     if args.file is not None:
         docs = load_documents([args.file])
@@ -158,12 +166,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             raise TrainerError(f"{args.file} holds no TrainingRun")
         corpus = runs[0].spec.corpus
         fraction = fraction if fraction is not None else runs[0].spec.holdout_fraction
+        max_tokens = max_tokens if max_tokens is not None else runs[0].spec.evaluation.max_tokens
         config_maps = docs.config_maps
     else:
         corpus = CorpusSource(path=args.corpus_path)
     ctx = CorpusContext(artifacts_root=artifacts.resolve(), config_maps=config_maps)
     metrics = evaluate_run_dir(
-        args.model, corpus, ctx, args.split, fraction if fraction is not None else 0.05, args.out
+        args.model,
+        corpus,
+        ctx,
+        args.split,
+        fraction if fraction is not None else 0.05,
+        args.out,
+        max_tokens=max_tokens,
     )
     sys.stdout.write(json.dumps(metrics.model_dump(mode="json", by_alias=True), indent=2) + "\n")
     return 0
