@@ -16,18 +16,18 @@ from transformers import GPT2LMHeadModel
 
 from model_trainer import artifacts, log
 from model_trainer.api.common import CorpusSource, EvalMetrics
+from model_trainer.artifacts import TOKENIZER_FILE
 from model_trainer.corpus import CorpusContext, load_corpus, split_holdout
 from model_trainer.errors import InvalidInputError
 from model_trainer.lm import device as lm_device
 from model_trainer.lm.data import IGNORE_INDEX, EvalSet, eval_batches, eval_set
 from model_trainer.lm.loss import linear_cross_entropy_sum
 from model_trainer.lm.model import (
-    TOKENIZER_FILE,
     context_length,
-    load_tokenizer_file,
     move_to,
     special_tokens,
 )
+from model_trainer.tokenizer import load_tokenizer
 
 logger = log.get_logger(__name__)
 
@@ -116,7 +116,7 @@ def evaluate_model(
     on `text`, or on its first `max_tokens` tokens."""
     lm_device.apply_threads()
     device = lm_device.choose_device()
-    tokenizer = load_tokenizer_file(model_dir / TOKENIZER_FILE)
+    tokenizer = load_tokenizer(model_dir / TOKENIZER_FILE)
     model = load_trained_model(model_dir, device)
     data = eval_set(tokenizer, text, max_tokens)
     return evaluate_set(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
@@ -11,9 +10,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from model_trainer.api.training_run import ModelSpec
-from model_trainer.errors import InvalidInputError, TokenizerNotFoundError
-
-TOKENIZER_FILE = "tokenizer.json"
+from model_trainer.errors import InvalidInputError
 
 
 @dataclass(frozen=True)
@@ -22,15 +19,6 @@ class SpecialTokens:
 
     eos_id: int
     pad_id: int
-
-
-def load_tokenizer_file(path: Path) -> Tokenizer:
-    if not path.is_file():
-        raise TokenizerNotFoundError(f"tokenizer file {path} does not exist")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as exc:  # tokenizers raises plain Exception for unreadable or bad JSON
-        raise TokenizerNotFoundError(f"tokenizer file {path} cannot be loaded: {exc}") from None
 
 
 def special_tokens(tokenizer: Tokenizer) -> SpecialTokens:

@@ -23,8 +23,8 @@ from transformers.utils import logging as hf_logging
 import model_trainer
 from model_trainer import artifacts
 from model_trainer.api.common import EvalMetrics
+from model_trainer.artifacts import TOKENIZER_FILE
 from model_trainer.errors import ArtifactWriteError
-from model_trainer.lm.model import TOKENIZER_FILE
 from model_trainer.lm.samples import Sample
 
 METRICS_FILE = "eval/metrics.json"

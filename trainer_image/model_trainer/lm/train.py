@@ -28,7 +28,6 @@ from model_trainer.lm.evaluate import evaluate_set
 from model_trainer.lm.model import (
     build_config,
     build_model,
-    load_tokenizer_file,
     move_to,
     special_tokens,
 )
@@ -38,6 +37,7 @@ from model_trainer.lm.samples import generate_samples
 from model_trainer.lm.schedule import learning_rate_at
 from model_trainer.lm.step import StepRunner
 from model_trainer.reporting import Reporter
+from model_trainer.tokenizer import load_tokenizer
 
 logger = log.get_logger(__name__)
 
@@ -99,7 +99,7 @@ class _Inputs:
 
 def _prepare(run: TrainingRun, out_dir: Path, tokenizer_path: Path, ctx: CorpusContext) -> _Inputs:
     spec = run.spec
-    tokenizer = load_tokenizer_file(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     tokenizer_sha256 = artifacts.sha256_file(tokenizer_path)
     corpus = load_corpus(spec.corpus, ctx)
     split = split_holdout(corpus.text, spec.holdout_fraction)
