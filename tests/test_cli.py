@@ -9,6 +9,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -358,3 +359,82 @@ def test_pod_entry_point_reports_to_redis_and_stays_inside_the_volume(
     state = protocol.read_run(redis_server.client(), "pod-uid-2").state
     assert state is not None and state.phase is Phase.FAILED
     assert state.reason == "InvalidCorpus"
+
+
+def _start_run(workspace: Path, *docs: object) -> subprocess.Popen[str]:
+    path = write_yaml(workspace / "proc.yaml", *docs)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "model_trainer",
+            "run",
+            "-f",
+            str(path),
+            "--artifacts",
+            str(workspace / "artifacts"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"run ended early: {proc.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def _events(run_dir: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (run_dir / "logs.jsonl").read_text().splitlines()]
+
+
+LONG_TRAINING = {
+    "maxSteps": 400,
+    "batchSize": 4,
+    "warmupSteps": 2,
+    "evalEvery": 400,
+    "checkpointEvery": 10,
+    "learningRate": 0.003,
+    "precision": "fp32",
+}
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(workspace: Path):
+    run_dir = workspace / "artifacts" / "default" / "trainingruns" / "gpt"
+    docs = (tokenizer_doc(), run_doc(training={**LONG_TRAINING, "maxSteps": 40}))
+    proc = _start_run(workspace, *docs)
+    _wait_for(run_dir / "checkpoints" / "step-00000020", proc)
+    proc.kill()  # no chance to clean up, as when a node dies
+    proc.communicate()
+    assert not (run_dir / "manifest.json").exists()
+
+    proc = _start_run(workspace, *docs)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_SUCCEEDED, err[-2000:]
+    resumed = [e for e in _events(run_dir) if e["event"] == "resumed_from_checkpoint"]
+    assert len(resumed) == 1
+    step = resumed[0]["step"]
+    assert isinstance(step, int) and step >= 20
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "succeeded" and manifest["steps"] == 40
+    assert manifest["resumedFromStep"] == step
+
+
+def test_sigterm_cancels_gracefully_and_keeps_the_artifacts(workspace: Path):
+    run_dir = workspace / "artifacts" / "default" / "trainingruns" / "gpt"
+    proc = _start_run(workspace, tokenizer_doc(), run_doc(training=LONG_TRAINING))
+    _wait_for(run_dir / "checkpoints" / "step-00000010", proc)
+    proc.send_signal(signal.SIGTERM)  # what kubelet sends when the pod is deleted
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_CANCELLED, err[-2000:]
+    assert "TrainingRun/gpt: Cancelled" in out
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "cancelled"
+    last = max((run_dir / "checkpoints").iterdir())
+    assert int(last.name.removeprefix("step-")) == manifest["steps"] >= 10
+    assert (run_dir / "model.safetensors").is_file()
+    assert "Traceback" not in err
