@@ -7,6 +7,7 @@ from typing import Never
 
 from tqdm import tqdm
 
+from model_trainer import log
 from model_trainer.api.common import ArtifactsStatus, EvalMetrics, Phase, Progress
 
 
@@ -19,14 +20,14 @@ class ConsoleReporter:
     def phase(self, phase: Phase, message: str = "", reason: str = "") -> None:
         if phase.finished and self._bar is not None:
             self._bar.set_postfix_str(phase.value)
-            self._bar.close()
-            self._bar = None
+            self.close()
 
     def progress(self, progress: Progress) -> None:
         if not self.enabled or progress.total_steps <= 0:
             return
         bar = self._bar
         if bar is None:
+            log.set_console_writer(_write_above_bars)
             bar = self._bar = tqdm(
                 total=progress.total_steps,
                 desc=self.label,
@@ -61,3 +62,8 @@ class ConsoleReporter:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        log.set_console_writer(None)
+
+
+def _write_above_bars(line: str) -> None:
+    tqdm.write(line, file=sys.stderr)

@@ -7,16 +7,20 @@ import json
 import logging
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, TextIO
 
 import structlog
-from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
+from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
 _sinks: list[IO[str]] = []
 _sinks_lock = threading.Lock()
 _write_lock = threading.Lock()
+# Set while a progress bar owns the terminal: log lines go through it, and the events the bar
+# already shows stay off the terminal (they still reach logs.jsonl).
+_console_writer: Callable[[str], None] | None = None
+QUIET_ON_CONSOLE = frozenset({"train_progress"})
 
 
 def _tee_to_job_logs(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
@@ -33,6 +37,18 @@ def _tee_to_job_logs(_logger: WrappedLogger, _method: str, event_dict: EventDict
     return event_dict
 
 
+def _quiet_on_console(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    if _console_writer is not None and event_dict.get("event") in QUIET_ON_CONSOLE:
+        raise structlog.DropEvent
+    return event_dict
+
+
+def set_console_writer(writer: Callable[[str], None] | None) -> None:
+    """Route terminal log lines through `writer` (a progress bar's write), or back to stderr."""
+    global _console_writer
+    _console_writer = writer
+
+
 class _LineLogger:
     """Writes each rendered line to `stream`, or to whatever sys.stderr is at write time, so that
     a swapped stream (pytest's capture, a redirect) never leaves it writing to a closed file."""
@@ -41,6 +57,10 @@ class _LineLogger:
         self._stream = stream
 
     def msg(self, message: str) -> None:
+        writer = _console_writer
+        if self._stream is None and writer is not None:
+            writer(message)
+            return
         stream = self._stream or sys.stderr
         with _write_lock:
             stream.write(message + "\n")
@@ -50,7 +70,15 @@ class _LineLogger:
 
 
 def configure(level: str = "info", stream: TextIO | None = None) -> None:
-    """Send JSON log lines to `stream` (stderr by default) and to every open job log."""
+    """Send log lines to `stream` (stderr by default) and JSON lines to every open job log.
+
+    The lines are JSON, except on an interactive terminal, where they are rendered for people."""
+    interactive = stream is None and sys.stderr.isatty()
+    renderer: Processor = (
+        structlog.dev.ConsoleRenderer(colors=True, sort_keys=True)
+        if interactive
+        else structlog.processors.JSONRenderer(default=str, sort_keys=True)
+    )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -58,7 +86,8 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
             structlog.processors.format_exc_info,
             _tee_to_job_logs,
-            structlog.processors.JSONRenderer(default=str, sort_keys=True),
+            _quiet_on_console,
+            renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=lambda *_args: _LineLogger(stream),
