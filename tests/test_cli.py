@@ -438,3 +438,26 @@ def test_sigterm_cancels_gracefully_and_keeps_the_artifacts(workspace: Path):
     assert int(last.name.removeprefix("step-")) == manifest["steps"] >= 10
     assert (run_dir / "model.safetensors").is_file()
     assert "Traceback" not in err
+
+
+def test_local_mode_reads_a_corpus_configmap_from_the_same_files(workspace: Path, capfd):
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:20_000]
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "corpus"},
+        "data": {"a.txt": text, "b.txt": "tail line\n" * 20},
+    }
+    job = {
+        "apiVersion": "modeltrainer.io/v1alpha1",
+        "kind": "TokenizerJob",
+        "metadata": {"name": "tok"},
+        "spec": {"vocabSize": 320, "corpus": {"configMapRef": {"name": "corpus", "key": "a.txt"}}},
+    }
+    assert run_cli(workspace, config_map, job) == EXIT_SUCCEEDED
+    capfd.readouterr()
+    manifest = json.loads(
+        (workspace / "artifacts/default/tokenizerjobs/tok/manifest.json").read_text()
+    )
+    assert manifest["corpus"]["source"] == "configMap:corpus/a.txt"
+    assert manifest["corpus"]["bytes"] == len(text.encode("utf-8"))
