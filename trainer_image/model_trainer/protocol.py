@@ -67,7 +67,6 @@ class RunState(_Message):
     message: str = ""
     started_at: float | None = None
     finished_at: float | None = None
-    exit_code: int | None = None
     artifacts: ArtifactsStatus | None = None
     attempt: int = 0
     updated_at: float = Field(default_factory=time.time)
