@@ -34,7 +34,7 @@ def _ast_findings(tree: ast.AST) -> Iterator[tuple[int, str]]:
                 else (func.attr if isinstance(func, ast.Attribute) else "")
             )
             if name == "cast":
-                yield node.lineno, "calls cast()"
+                yield node.lineno, "uses cast"
             elif isinstance(func, ast.Name) and func.id == "print":
                 yield node.lineno, "calls print(); log with structlog instead"
 

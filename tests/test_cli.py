@@ -252,7 +252,7 @@ def test_write_failure_on_the_artifacts_volume(workspace: Path):
     failure = [json.loads(line) for line in proc.stderr.splitlines() if '"job_failed"' in line]
     assert len(failure) == 1, proc.stderr[-1500:]
     assert failure[0]["reason"] == "ArtifactWriteFailed"
-    assert "File too large" in failure[0]["error"] or "file size limit" in failure[0]["error"]
+    assert str(failure[0]["error"]).startswith("file size limit reached while writing ")
     assert "Traceback" not in proc.stderr
     assert not (artifacts / "default" / "trainingruns" / "gpt" / "manifest.json").exists()
     assert "TrainingRun/gpt: Failed" in proc.stdout

@@ -32,7 +32,8 @@ def job_dir(root: Path, namespace: str, kind: str, name: str) -> Path:
     return root / namespace / KIND_DIRS[kind] / name
 
 
-def _raise_write_error(path: Path, exc: OSError) -> ArtifactWriteError:
+def write_error(path: Path, exc: OSError) -> ArtifactWriteError:
+    """The user-facing error for a failed write to the artifacts volume."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return ArtifactWriteError(f"disk full while writing {path}")
     if exc.errno == errno.EFBIG:
@@ -51,23 +52,24 @@ def atomic_path(path: Path) -> Iterator[Path]:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
     except OSError as exc:
-        raise _raise_write_error(path, exc) from exc
+        raise write_error(path, exc) from exc
     tmp = Path(tmp_name)
     try:
         yield tmp
         with tmp.open("rb+") as handle:
             os.fsync(handle.fileno())
         tmp.replace(path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise _raise_write_error(path, exc) from exc
+        raise write_error(path, exc) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new entry in `directory` durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -135,4 +137,4 @@ def retire_manifest(directory: Path) -> None:
     try:
         (directory / MANIFEST_NAME).unlink(missing_ok=True)
     except OSError as exc:
-        raise _raise_write_error(directory / MANIFEST_NAME, exc) from exc
+        raise write_error(directory / MANIFEST_NAME, exc) from exc

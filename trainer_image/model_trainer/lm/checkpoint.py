@@ -9,7 +9,6 @@ belongs to a different spec) so that it is never tried again.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
@@ -27,9 +26,9 @@ import torch
 from pydantic import JsonValue
 from torch import nn
 
-from model_trainer import log
+from model_trainer import artifacts, log
 from model_trainer.api.common import EvalMetrics
-from model_trainer.errors import ArtifactWriteError, CheckpointError
+from model_trainer.errors import CheckpointError
 
 logger = log.get_logger(__name__)
 
@@ -178,20 +177,6 @@ def _write_durably(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_error(path: Path, exc: OSError) -> ArtifactWriteError:
-    if exc.errno == errno.ENOSPC:
-        return ArtifactWriteError(f"disk full while writing checkpoint {path}")
-    return ArtifactWriteError(f"could not write checkpoint {path}: {exc.strerror or exc}")
-
-
 def save_checkpoint(
     directory: Path,
     *,
@@ -216,20 +201,20 @@ def save_checkpoint(
         "trainer": state.to_json(),
         "pythonRandom": {"version": rng.python[0], "gauss": rng.python[2]},
     }
-    files[META_FILE] = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    files[META_FILE] = artifacts.canonical_json(meta).encode("utf-8")
     tmp: Path | None = None
     try:
         directory.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=directory))
         for name, data in files.items():
             _write_durably(tmp / name, data)
-        _fsync_dir(tmp)
+        artifacts.fsync_dir(tmp)
         _replace_dir(tmp, final)
-        _fsync_dir(directory)
+        artifacts.fsync_dir(directory)
     except OSError as exc:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(final, exc) from exc
+        raise artifacts.write_error(final, exc) from exc
     _prune(directory)
     logger.info("checkpoint_saved", step=state.step, path=str(final))
     return final
