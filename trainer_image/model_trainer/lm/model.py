@@ -11,6 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from model_trainer.api.training_run import ModelSpec
 from model_trainer.errors import InvalidInputError
+from model_trainer.tokenizer.load import special_token_ids
 
 
 @dataclass(frozen=True)
@@ -22,12 +23,13 @@ class SpecialTokens:
 
 
 def special_tokens(tokenizer: Tokenizer) -> SpecialTokens:
-    ids = sorted(i for i, tok in tokenizer.get_added_tokens_decoder().items() if tok.special)
-    if not ids:
+    ids = special_token_ids(tokenizer)
+    if ids.eos is None:
         raise InvalidInputError(
             "tokenizer has no special tokens; its first special token must be end-of-text"
         )
-    return SpecialTokens(eos_id=ids[0], pad_id=ids[1] if len(ids) > 1 else ids[0])
+    # Without a padding token, padded positions reuse end-of-text; they never count in the loss.
+    return SpecialTokens(eos_id=ids.eos, pad_id=ids.pad if ids.pad is not None else ids.eos)
 
 
 def vocab_size(tokenizer: Tokenizer) -> int:
