@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lm_support import SHAKESPEARE
 from model_trainer import protocol
 from model_trainer.api import Phase
 from model_trainer.artifacts import sha256_file
@@ -25,8 +26,6 @@ from model_trainer.errors import (
     EXIT_INVALID_INPUT,
     EXIT_SUCCEEDED,
 )
-
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def tokenizer_doc(corpus: str = "corpus.txt", **spec: object) -> dict[str, object]:

@@ -7,13 +7,13 @@ import hashlib
 import json
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from model_trainer.api import ArtifactsStatus, EvalMetrics, Phase, Progress, TokenizerJob
+from lm_support import SHAKESPEARE, RecordingReporter
+from model_trainer.api import ArtifactsStatus, TokenizerJob
 from model_trainer.api.tokenizer_job import TokenizerJobSpec
 from model_trainer.corpus import CorpusContext, split_holdout
 from model_trainer.errors import (
@@ -32,36 +32,8 @@ from model_trainer.tokenizer import (
     train_tokenizer,
 )
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 SLICE_CHARS = 120_000
 ALGORITHMS = ["bpe", "unigram", "wordpiece"]
-
-
-@dataclass
-class RecordingReporter:
-    """A Reporter that remembers what it was told."""
-
-    cancel: bool = False
-    progress_reports: list[Progress] = field(default_factory=list)
-    artifact_reports: list[ArtifactsStatus] = field(default_factory=list)
-
-    def phase(self, phase: Phase, message: str = "", reason: str = "") -> None:
-        pass
-
-    def progress(self, progress: Progress) -> None:
-        self.progress_reports.append(progress)
-
-    def eval(self, metrics: EvalMetrics) -> None:
-        pass
-
-    def artifacts(self, artifacts: ArtifactsStatus) -> None:
-        self.artifact_reports.append(artifacts)
-
-    def cancel_requested(self) -> bool:
-        return self.cancel
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -344,7 +316,7 @@ def test_disk_full_leaves_no_result_behind(root, monkeypatch, failing_write):
 
 def test_cancel_before_training_writes_nothing(root):
     with pytest.raises(JobCancelled):
-        _train(root, _job(), reporter=RecordingReporter(cancel=True))
+        _train(root, _job(), reporter=RecordingReporter(cancel_on_call=1))
     _assert_no_result(root / "out")
 
 
