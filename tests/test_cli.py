@@ -161,9 +161,10 @@ def test_local_run_end_to_end(workspace: Path):
     assert json.loads(proc.stdout)["bitsPerByte"] == on_demand["bitsPerByte"]
 
 
-def run_cli(workspace: Path, *docs: object) -> int:
+def run_cli(workspace: Path, *docs: object, redis_url: str | None = None) -> int:
     path = write_yaml(workspace / "input.yaml", *docs)
-    return main(["run", "-f", str(path), "--artifacts", str(workspace / "artifacts")])
+    args = ["run", "-f", str(path), "--artifacts", str(workspace / "artifacts")]
+    return main(args + (["--redis-url", redis_url] if redis_url else []))
 
 
 @pytest.mark.parametrize(
@@ -261,18 +262,7 @@ def test_local_mode_speaks_the_redis_protocol(workspace: Path, redis_server, cap
     tok, run = tokenizer_doc(), run_doc()
     tok["metadata"] = {"name": "tok", "uid": "tok-uid-1"}
     run["metadata"] = {"name": "gpt", "uid": "run-uid-1"}
-    path = write_yaml(workspace / "both.yaml", tok, run)
-    code = main(
-        [
-            "run",
-            "-f",
-            str(path),
-            "--artifacts",
-            str(workspace / "artifacts"),
-            "--redis-url",
-            redis_server.url,
-        ]
-    )
+    code = run_cli(workspace, tok, run, redis_url=redis_server.url)
     capfd.readouterr()
     assert code == EXIT_SUCCEEDED
     client = redis_server.client()
@@ -298,20 +288,9 @@ def test_cancel_flag_in_redis_stops_a_local_run(workspace: Path, redis_server, c
         }
     )
     run["metadata"] = {"name": "gpt", "uid": "run-uid-cancel"}
-    path = write_yaml(workspace / "both.yaml", tokenizer_doc(), run)
     client = redis_server.client()
     protocol.request_cancel(client, "run-uid-cancel")  # set before the run even starts
-    code = main(
-        [
-            "run",
-            "-f",
-            str(path),
-            "--artifacts",
-            str(workspace / "artifacts"),
-            "--redis-url",
-            redis_server.url,
-        ]
-    )
+    code = run_cli(workspace, tokenizer_doc(), run, redis_url=redis_server.url)
     capfd.readouterr()
     assert code == EXIT_CANCELLED
     run_dir = workspace / "artifacts" / "default" / "trainingruns" / "gpt"
