@@ -8,9 +8,8 @@ from pathlib import Path
 import yaml
 
 from model_trainer import log
-from model_trainer.api import Phase
 from model_trainer.corpus import CorpusContext
-from model_trainer.errors import EXIT_INVALID_INPUT, InvalidInputError
+from model_trainer.errors import InvalidInputError
 from model_trainer.reporting import CancelToken, MultiReporter, NullReporter, Reporter
 from model_trainer.resources import parse_resource
 from model_trainer.runner import JobOutcome, run_job
@@ -55,12 +54,4 @@ def run_pod_job(
         outcome = run_job(resource, artifacts_root, ctx, reporter)
     finally:
         reporter.close()
-    if outcome.phase is Phase.FAILED and outcome.exit_code == 0:
-        return JobOutcome(
-            kind=outcome.kind,
-            name=outcome.name,
-            phase=outcome.phase,
-            exit_code=EXIT_INVALID_INPUT,
-            out_dir=outcome.out_dir,
-        )
     return outcome
