@@ -4,15 +4,18 @@ SHELL := /bin/bash
 UV ?= $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 RUN := $(UV) run --frozen --no-sync
 ARTIFACTS ?= demo-artifacts
-PY_TREES := trainer_image tests bench scripts
+PY_TREES := trainer_image operator tests bench scripts
 
-.PHONY: setup demo test test-fast lint fmt bench crds clean help
+.PHONY: setup k8s-tools demo test test-fast lint fmt bench crds clean help
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-setup: ## install uv, redis-server and the locked virtualenv
+setup: ## install uv, redis-server, openssl, the locked virtualenv and the k8s test binaries
 	@bash scripts/bootstrap.sh
+
+k8s-tools: ## build etcd, kube-apiserver and kubectl for the k8s tests (Go; once per version)
+	@bash scripts/k8s_tools.sh
 
 demo: setup ## train a tokenizer and a small GPT-2 on the Python standard library's source
 	@# Start the demo afresh; a real run would resume from its last checkpoint instead.

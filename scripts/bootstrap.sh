@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install what the project needs on a fresh Debian machine: uv, redis-server, the locked venv.
+# Install what the project needs on a fresh Debian machine: uv, redis-server, openssl, the locked
+# venv, and the test control plane's etcd and kube-apiserver (built with Go).
 # Idempotent; fast when everything is there already.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,11 @@ if ! command -v redis-server >/dev/null 2>&1; then
   need_apt redis-server
 fi
 
+if ! command -v openssl >/dev/null 2>&1; then
+  echo "bootstrap: installing openssl" >&2
+  need_apt openssl
+fi
+
 if ! command -v uv >/dev/null 2>&1 && ! python3 -m uv --version >/dev/null 2>&1; then
   echo "bootstrap: installing uv" >&2
   python3 -m pip install --quiet --disable-pip-version-check "uv>=0.5,<1" \
@@ -29,3 +35,7 @@ fi
 # pip may put uv where PATH (or a pyenv shim) does not reach yet; `python3 -m uv` always works.
 if command -v uv >/dev/null 2>&1; then uv=(uv); else uv=(python3 -m uv); fi
 "${uv[@]}" sync --frozen --all-extras --quiet
+
+# The k8s tests run against a real etcd and kube-apiserver; CI machines have Go in /usr/local/go.
+command -v go >/dev/null 2>&1 || export PATH="$PATH:/usr/local/go/bin"
+bash scripts/k8s_tools.sh >/dev/null

@@ -1,4 +1,4 @@
-"""Shared fixtures: a real redis-server on a free local port."""
+"""Shared fixtures: a real redis-server on a free local port; a real Kubernetes control plane."""
 
 from __future__ import annotations
 
@@ -6,11 +6,16 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from kubernetes.client import ApiException
+
+from controlplane import ControlPlane, ControlPlaneError
+from operator_support import OPERATOR_NAMESPACE, OPERATOR_SA, Cluster, OperatorProcess, install_rbac
 
 REDIS_SERVER_HINT = "redis-server is required for these tests: apt-get install redis-server"
 START_TIMEOUT_SECONDS = 10.0
@@ -151,3 +156,85 @@ def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """A real etcd and kube-apiserver with the project's CRDs, shared by the session.
+
+    Tests that use it are marked `k8s`. Use `k8s_namespace` for a namespace of your own.
+    """
+    plane = ControlPlane(tmp_path_factory.mktemp("k8s"))
+    error: Exception | None = None
+    try:
+        plane.start()
+        plane.apply_crds()
+    except (ControlPlaneError, ApiException) as exc:
+        plane.stop()
+        error = exc
+    if error is not None:
+        pytest.fail(f"could not start the test control plane: {error}", pytrace=False)
+    try:
+        yield plane
+    finally:
+        plane.stop()
+
+
+@pytest.fixture
+def k8s_namespace(control_plane: ControlPlane) -> str:
+    """A new namespace with a `default` ServiceAccount; never deleted, as nothing finalizes it."""
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    control_plane.create_namespace(name)
+    return name
+
+
+# Short timeouts, so that heartbeat, grace and TTL behaviour shows within seconds.
+FAST_SETTINGS: dict[str, object] = {
+    "heartbeat_timeout_seconds": "4",
+    "heartbeat_failure_seconds": "4",
+    "cancel_grace_seconds": "5",
+    "tokenizer_grace_seconds": "30",
+    "reconcile_interval_seconds": "0.5",
+    "status_min_interval_seconds": "1",
+}
+
+
+@pytest.fixture(scope="session")
+def operator_kubeconfig(control_plane: ControlPlane, tmp_path_factory) -> Path:
+    """A kubeconfig with a token of the operator's ServiceAccount, bound by the RBAC manifest."""
+    install_rbac(control_plane)
+    path = tmp_path_factory.mktemp("operator") / "kubeconfig"
+    return control_plane.service_account_kubeconfig(OPERATOR_NAMESPACE, OPERATOR_SA, path)
+
+
+OperatorFactory = Callable[..., OperatorProcess]
+
+
+@pytest.fixture
+def start_operator(
+    operator_kubeconfig: Path, k8s_namespace: str, redis_server, tmp_path: Path
+) -> Iterator[OperatorFactory]:
+    started: list[OperatorProcess] = []
+
+    def start(**overrides: object) -> OperatorProcess:
+        settings = {**FAST_SETTINGS, **overrides}
+        process = OperatorProcess(
+            operator_kubeconfig,
+            k8s_namespace,
+            redis_server.url,
+            tmp_path / "operator.log",
+            **settings,
+        )
+        process.start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def cluster(control_plane: ControlPlane, k8s_namespace: str) -> Iterator[Cluster]:
+    with control_plane.api_client() as api:
+        yield Cluster(api, k8s_namespace)

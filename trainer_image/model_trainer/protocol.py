@@ -7,6 +7,9 @@ re-created under the same name never sees the old run's data:
     modeltrainer:v1:run:<uid>:state      JSON RunState: phase, reason, message     TTL 7 days
     modeltrainer:v1:run:<uid>:progress   JSON Progress (step, totalSteps, ...)     TTL 7 days
     modeltrainer:v1:run:<uid>:eval       JSON EvalMetrics of the last evaluation   TTL 7 days
+    modeltrainer:v1:run:<uid>:stats      JSON TokenizerStats of a TokenizerJob     TTL 7 days
+    modeltrainer:v1:run:<uid>:evaluation:<name>
+                                         JSON EvaluationReport of spec.evaluations TTL 7 days
     modeltrainer:v1:run:<uid>:cancel     "1" once cancellation is requested        TTL 7 days
     modeltrainer:v1:run:<uid>:events     pub/sub channel of JSON RunEvent messages
 
@@ -23,6 +26,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from model_trainer.api.common import ArtifactsStatus, EvalMetrics, Phase, Progress
+from model_trainer.api.tokenizer_job import TokenizerStats
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -39,6 +43,12 @@ class RunKeys(NamedTuple):
     eval: str
     cancel: str
     events: str
+    stats: str
+
+    def evaluation(self, name: str) -> str:
+        if not name or ":" in name:
+            raise ValueError(f"invalid evaluation name {name!r}")
+        return f"{self.heartbeat.rsplit(':', 1)[0]}:evaluation:{name}"
 
 
 def keys_for(uid: str) -> RunKeys:
@@ -52,6 +62,7 @@ def keys_for(uid: str) -> RunKeys:
         eval=f"{base}:eval",
         cancel=f"{base}:cancel",
         events=f"{base}:events",
+        stats=f"{base}:stats",
     )
 
 
@@ -72,15 +83,29 @@ class RunState(_Message):
     updated_at: float = Field(default_factory=time.time)
 
 
+class EvaluationReport(_Message):
+    """What an evaluation pod says about one of spec.evaluations."""
+
+    phase: Phase
+    reason: str = ""
+    message: str = ""
+    metrics: EvalMetrics | None = None
+    path: str | None = None
+    attempt: int = 0
+    updated_at: float = Field(default_factory=time.time)
+
+
 class RunEvent(_Message):
     """One message on the events channel."""
 
-    type: Literal["state", "progress", "eval", "heartbeat"]
+    type: Literal["state", "progress", "eval", "heartbeat", "stats", "evaluation"]
     uid: str
     ts: float = Field(default_factory=time.time)
     state: RunState | None = None
     progress: Progress | None = None
     eval: EvalMetrics | None = None
+    stats: TokenizerStats | None = None
+    evaluation: EvaluationReport | None = None
 
 
 class RunSnapshot(NamedTuple):
@@ -91,6 +116,7 @@ class RunSnapshot(NamedTuple):
     progress: Progress | None
     eval: EvalMetrics | None
     cancel_requested: bool
+    stats: TokenizerStats | None = None
 
 
 def _decode(raw: object) -> str | None:
@@ -136,6 +162,40 @@ def write_eval(client: redis.Redis, uid: str, metrics: EvalMetrics) -> None:
     pipe.execute()
 
 
+def write_stats(client: redis.Redis, uid: str, stats: TokenizerStats) -> None:
+    keys = keys_for(uid)
+    event = RunEvent(type="stats", uid=uid, stats=stats)
+    pipe = client.pipeline()
+    pipe.set(keys.stats, stats.model_dump_json(by_alias=True), ex=STATE_TTL_SECONDS)
+    pipe.publish(keys.events, event.model_dump_json(by_alias=True))
+    pipe.execute()
+
+
+def write_evaluation(client: redis.Redis, uid: str, name: str, report: EvaluationReport) -> None:
+    keys = keys_for(uid)
+    event = RunEvent(type="evaluation", uid=uid, evaluation=report)
+    pipe = client.pipeline()
+    pipe.set(keys.evaluation(name), report.model_dump_json(by_alias=True), ex=STATE_TTL_SECONDS)
+    pipe.publish(keys.events, event.model_dump_json(by_alias=True))
+    pipe.execute()
+
+
+def read_evaluations(
+    client: redis.Redis, uid: str, names: list[str]
+) -> dict[str, EvaluationReport]:
+    if not names:
+        return {}
+    keys = keys_for(uid)
+    raw = client.mget([keys.evaluation(name) for name in names])
+    values = [_decode(item) for item in raw] if isinstance(raw, list) else [None] * len(names)
+    reports = {}
+    for name, text in zip(names, values, strict=True):
+        report = _parse(EvaluationReport, text)
+        if report is not None:
+            reports[name] = report
+    return reports
+
+
 def request_cancel(client: redis.Redis, uid: str) -> None:
     client.set(keys_for(uid).cancel, "1", ex=STATE_TTL_SECONDS)
 
@@ -154,9 +214,11 @@ def cancel_requested(client: redis.Redis, uid: str) -> bool:
 
 def read_run(client: redis.Redis, uid: str) -> RunSnapshot:
     keys = keys_for(uid)
-    raw = client.mget([keys.heartbeat, keys.state, keys.progress, keys.eval, keys.cancel])
-    values = [_decode(item) for item in raw] if isinstance(raw, list) else [None] * 5
-    heartbeat_text, state_text, progress_text, eval_text, cancel_text = values
+    raw = client.mget(
+        [keys.heartbeat, keys.state, keys.progress, keys.eval, keys.cancel, keys.stats]
+    )
+    values = [_decode(item) for item in raw] if isinstance(raw, list) else [None] * 6
+    heartbeat_text, state_text, progress_text, eval_text, cancel_text, stats_text = values
     heartbeat: float | None
     try:
         heartbeat = float(heartbeat_text) if heartbeat_text is not None else None
@@ -168,6 +230,7 @@ def read_run(client: redis.Redis, uid: str) -> RunSnapshot:
         progress=_parse(Progress, progress_text),
         eval=_parse(EvalMetrics, eval_text),
         cancel_requested=_is_cancel(cancel_text),
+        stats=_parse(TokenizerStats, stats_text),
     )
 
 
@@ -182,7 +245,10 @@ def _parse(model: type[M], text: str | None) -> M | None:
 
 def delete_run(client: redis.Redis, uid: str) -> int:
     keys = keys_for(uid)
-    deleted = client.delete(keys.heartbeat, keys.state, keys.progress, keys.eval, keys.cancel)
+    evaluations = [key for key in client.scan_iter(match=keys.evaluation("*"), count=100)]
+    deleted = client.delete(
+        keys.heartbeat, keys.state, keys.progress, keys.eval, keys.cancel, keys.stats, *evaluations
+    )
     return deleted if isinstance(deleted, int) else 0
 
 

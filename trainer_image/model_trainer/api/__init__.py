@@ -15,6 +15,8 @@ from model_trainer.api.common import (
 )
 from model_trainer.api.tokenizer_job import TokenizerJob, TokenizerJobSpec, TokenizerJobStatus
 from model_trainer.api.training_run import (
+    EvaluationRequest,
+    EvaluationResult,
     EvaluationSpec,
     ModelSpec,
     TrainingRun,
@@ -32,6 +34,8 @@ __all__ = [
     "ConfigMapKeyRef",
     "CorpusSource",
     "EvalMetrics",
+    "EvaluationRequest",
+    "EvaluationResult",
     "EvaluationSpec",
     "ModelSpec",
     "ObjectMeta",

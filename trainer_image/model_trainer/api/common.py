@@ -17,7 +17,11 @@ DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a
 
 
 class ApiModel(BaseModel):
-    """Base of every API model: camelCase on the wire, unknown fields rejected."""
+    """Base of every API model: camelCase on the wire, unknown fields rejected.
+
+    Spec defaults are plain values, never default_factory (pydantic copies mutable defaults):
+    only plain values reach the CRD schema, where the API server fills them in. CEL rules fail
+    with "no such key" on a field left absent."""
 
     model_config = ConfigDict(
         alias_generator=to_camel,

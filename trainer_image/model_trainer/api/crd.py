@@ -79,6 +79,13 @@ RESOURCES = (
 )
 
 
+def _without_nulls(value: JsonValue) -> JsonValue:
+    """A default as the API server takes it: an unset (None) field is left out, not null."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    return value
+
+
 def _structural(node: JsonValue, defs: JsonObject) -> JsonValue:
     if isinstance(node, list):
         return [_structural(item, defs) for item in node]
@@ -112,6 +119,8 @@ def _structural(node: JsonValue, defs: JsonObject) -> JsonValue:
             out[key] = " ".join(value.split())
         elif key == "const":
             out["enum"] = [value]
+        elif key == "default":
+            out[key] = _without_nulls(value)
         else:
             out[key] = _structural(value, defs)
     if out.get("type") == "object" and "properties" not in out:

@@ -52,7 +52,9 @@ class TokenizerJobSpec(RuntimeSpec):
     min_frequency: int = Field(default=2, ge=1)
     """Minimum count of a pair to be merged (bpe, wordpiece)."""
     special_tokens: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] = Field(
-        default_factory=lambda: list(DEFAULT_SPECIAL_TOKENS), max_length=64
+        default=list(DEFAULT_SPECIAL_TOKENS),
+        max_length=64,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
     )
     """Tokens added verbatim with the first ids. The first is end-of-text, the second padding."""
     unk_token: str = Field(default="<|unk|>", min_length=1, max_length=64)

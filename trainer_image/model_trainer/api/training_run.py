@@ -13,6 +13,7 @@ from model_trainer.api.common import (
     EvalMetrics,
     JobStatus,
     ObjectMeta,
+    Phase,
     RuntimeSpec,
 )
 
@@ -112,11 +113,60 @@ class EvaluationSpec(ApiModel):
     max_tokens: int | None = Field(default=None, ge=1)
     """Evaluate on a fixed sample of this many holdout tokens; unset means the whole holdout."""
     sample_prompts: list[Annotated[str, StringConstraints(min_length=1, max_length=1024)]] = Field(
-        default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS), max_length=64
+        default=list(DEFAULT_SAMPLE_PROMPTS), max_length=64
     )
     """Prompts of the generations in eval/samples.jsonl."""
     sample_max_new_tokens: int = Field(default=48, ge=1, le=4096)
     """Tokens generated per prompt."""
+
+
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+class EvaluationRequest(ApiModel):
+    """An extra evaluation of the finished model, run in a pod of its own once the run has
+    Succeeded. Its result lands in status.evaluations and in eval/<name>/metrics.json."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self == oldSelf",
+                    "message": "an evaluation cannot be changed; add one under a new name",
+                },
+            ]
+        }
+    )
+
+    name: str = Field(min_length=1, max_length=40, pattern=DNS_LABEL_PATTERN)
+    """Name of the evaluation, unique in the run; a DNS label."""
+    corpus: CorpusSource | None = None
+    """Text to evaluate on. Defaults to the run's own corpus."""
+    split: Literal["holdout", "train", "all"] = "holdout"
+    """Part of the corpus: the holdout (cut with the run's holdoutFraction), the rest, or all."""
+    max_tokens: int | None = Field(default=None, ge=1)
+    """Evaluate on a fixed sample of this many tokens; unset means the whole split."""
+
+
+class EvaluationResult(ApiModel):
+    """The outcome of one requested evaluation."""
+
+    name: str
+    """Name of the evaluation request."""
+    phase: Phase = Phase.PENDING
+    """Pending, Running, Succeeded, Failed or Cancelled."""
+    reason: str | None = None
+    """Machine-readable reason of the phase."""
+    message: str | None = None
+    """Human-readable detail."""
+    metrics: EvalMetrics | None = None
+    """Loss, perplexity and bits per byte, once Succeeded."""
+    path: str | None = None
+    """The metrics file, relative to the run's artifacts directory."""
+    attempts: int = Field(default=0, ge=0)
+    """Evaluation pods started."""
+    completion_time: str | None = None
+    """RFC 3339 time the evaluation finished."""
 
 
 class TrainingRunSpec(RuntimeSpec):
@@ -144,12 +194,19 @@ class TrainingRunSpec(RuntimeSpec):
     """Training text."""
     holdout_fraction: float = Field(default=0.05, gt=0.0, le=0.5)
     """Last fraction of the corpus, cut at a line boundary, used only for evaluation."""
-    model: ModelSpec = Field(default_factory=ModelSpec)
+    model: ModelSpec = Field(default=ModelSpec())
     """Architecture."""
-    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    training: TrainingSpec = Field(default=TrainingSpec())
     """Optimisation."""
-    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    evaluation: EvaluationSpec = Field(default=EvaluationSpec())
     """Evaluation and samples."""
+    evaluations: list[EvaluationRequest] = Field(
+        default=[],
+        max_length=32,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    """Extra evaluations of the finished model on a chosen corpus or split. Add one at any time;
+    each runs once, after the run has Succeeded."""
 
 
 class TrainingRunStatus(JobStatus):
@@ -157,6 +214,11 @@ class TrainingRunStatus(JobStatus):
 
     eval: EvalMetrics | None = None
     """Latest holdout evaluation."""
+    evaluations: list[EvaluationResult] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    """Results of spec.evaluations, by name."""
 
 
 class TrainingRun(ApiModel):

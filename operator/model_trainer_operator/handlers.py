@@ -1,0 +1,134 @@
+"""All kopf wiring, and nothing else: each handler hands its body to the Controller."""
+
+from __future__ import annotations
+
+import logging
+
+import kopf
+import redis
+
+from model_trainer import log, protocol
+from model_trainer.api import GROUP, VERSION
+from model_trainer_operator import metrics
+from model_trainer_operator.cluster import Cluster, load_config
+from model_trainer_operator.controller import Controller, depends_on, tokenizer_view
+from model_trainer_operator.kinds import TOKENIZER_JOB, TRAINING_RUN, Kind
+from model_trainer_operator.pods import LABEL_MANAGED_BY, MANAGED_BY, PodView, pod_view
+from model_trainer_operator.reconcile import Event, TokenizerView
+from model_trainer_operator.settings import OperatorSettings
+
+logger = log.get_logger(__name__)
+
+SETTINGS = OperatorSettings.from_env()
+FINALIZER = f"{GROUP}/cleanup"
+CLEANUP_RETRIES = 12
+
+
+class _State:
+    controller: Controller | None = None
+
+
+def controller() -> Controller:
+    if _State.controller is None:
+        raise kopf.TemporaryError("the operator is still starting", delay=1)
+    return _State.controller
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: object) -> None:
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING
+    settings.execution.max_workers = 16
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    load_config()
+    _State.controller = Controller(
+        settings=SETTINGS, cluster=Cluster(), redis=protocol.connect(SETTINGS.redis_url)
+    )
+    metrics.serve(SETTINGS.metrics_port)
+    logger.info("operator_started", settings=SETTINGS.model_dump(mode="json"))
+
+
+@kopf.index("v1", "pods", labels={LABEL_MANAGED_BY: MANAGED_BY})
+def trainer_pods(body: kopf.Body, **_: object) -> dict[str, PodView]:
+    view = pod_view(body)
+    return {view.owner_uid: view} if view is not None else {}
+
+
+@kopf.index(GROUP, VERSION, TOKENIZER_JOB.plural)
+def tokenizer_jobs(
+    body: kopf.Body, namespace: str | None, name: str | None, **_: object
+) -> dict[tuple[str, str], TokenizerView]:
+    return {(namespace or "", name or ""): tokenizer_view(body)}
+
+
+def _tick(
+    kind: Kind,
+    body: kopf.Body,
+    patch: kopf.Patch,
+    pods: kopf.Index[str, PodView] | None,
+    tokenizers: kopf.Index[tuple[str, str], TokenizerView] | None,
+) -> None:
+    if pods is None or tokenizers is None:
+        raise kopf.TemporaryError("the indexes are not ready", delay=1)
+    uid = body.metadata.uid or ""
+    ref = depends_on(kind, body)
+    tokenizer = None
+    if ref is not None:
+        tokenizer = next(iter(tokenizers.get((body.metadata.namespace or "", ref), [])), None)
+
+    def post(event: Event) -> None:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message[:1024])
+
+    status = controller().tick(kind, body, pods.get(uid, []), tokenizer, post)
+    if status:
+        patch.status.update(status)
+
+
+@kopf.timer(GROUP, VERSION, TOKENIZER_JOB.plural, interval=SETTINGS.reconcile_interval_seconds)
+def reconcile_tokenizer_job(
+    body: kopf.Body,
+    patch: kopf.Patch,
+    trainer_pods: kopf.Index[str, PodView] | None = None,
+    tokenizer_jobs: kopf.Index[tuple[str, str], TokenizerView] | None = None,
+    **_: object,
+) -> None:
+    _tick(TOKENIZER_JOB, body, patch, trainer_pods, tokenizer_jobs)
+
+
+@kopf.timer(GROUP, VERSION, TRAINING_RUN.plural, interval=SETTINGS.reconcile_interval_seconds)
+def reconcile_training_run(
+    body: kopf.Body,
+    patch: kopf.Patch,
+    trainer_pods: kopf.Index[str, PodView] | None = None,
+    tokenizer_jobs: kopf.Index[tuple[str, str], TokenizerView] | None = None,
+    **_: object,
+) -> None:
+    _tick(TRAINING_RUN, body, patch, trainer_pods, tokenizer_jobs)
+
+
+def _cleanup(kind: Kind, body: kopf.Body, retry: int) -> None:
+    try:
+        controller().cleanup(kind, body)
+    except redis.RedisError as exc:
+        if retry >= CLEANUP_RETRIES:
+            # The keys expire on their own (TTL); never hold a deletion hostage to Redis.
+            logger.warning("redis_cleanup_skipped", name=body.metadata.name, error=str(exc))
+            return
+        raise kopf.TemporaryError(
+            f"Redis unavailable, retrying the clean-up: {exc}", delay=5
+        ) from exc
+
+
+@kopf.on.delete(GROUP, VERSION, TOKENIZER_JOB.plural)
+def delete_tokenizer_job(body: kopf.Body, retry: int, **_: object) -> None:
+    _cleanup(TOKENIZER_JOB, body, retry)
+
+
+@kopf.on.delete(GROUP, VERSION, TRAINING_RUN.plural)
+def delete_training_run(body: kopf.Body, retry: int, **_: object) -> None:
+    _cleanup(TRAINING_RUN, body, retry)

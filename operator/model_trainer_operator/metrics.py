@@ -1,0 +1,69 @@
+"""Prometheus metrics of the operator, served on /metrics."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+JOBS = Gauge(
+    "modeltrainer_jobs", "Resources the operator tracks, by kind and phase.", ["kind", "phase"]
+)
+PHASE_DURATION = Histogram(
+    "modeltrainer_phase_duration_seconds",
+    "Time resources spent in a phase before leaving it.",
+    ["kind", "phase"],
+    buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 48 * 3600),
+)
+RECONCILE_ERRORS = Counter(
+    "modeltrainer_reconcile_errors_total", "Reconciliations that raised an error.", ["kind"]
+)
+RECONCILE_SECONDS = Histogram(
+    "modeltrainer_reconcile_duration_seconds",
+    "Time one reconciliation took.",
+    ["kind"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+)
+PODS_CREATED = Counter(
+    "modeltrainer_pods_created_total", "Trainer and evaluation pods created.", ["kind", "role"]
+)
+STATUS_PATCHES = Counter("modeltrainer_status_patches_total", "Status patches sent.", ["kind"])
+
+
+@dataclass
+class _Tracked:
+    kind: str
+    phase: str
+    since: float
+
+
+class PhaseTracker:
+    """Keeps the by-phase gauge and the phase-duration histogram in step with what the
+    reconciler sees; a phase seen first after a restart has no known start and is not timed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_uid: dict[str, _Tracked] = {}
+
+    def observe(self, uid: str, kind: str, phase: str, now: float) -> None:
+        with self._lock:
+            old = self._by_uid.get(uid)
+            if old is not None and old.phase == phase:
+                return
+            if old is not None:
+                JOBS.labels(old.kind, old.phase).dec()
+                PHASE_DURATION.labels(old.kind, old.phase).observe(max(0.0, now - old.since))
+            JOBS.labels(kind, phase).inc()
+            self._by_uid[uid] = _Tracked(kind, phase, now)
+
+    def forget(self, uid: str) -> None:
+        with self._lock:
+            old = self._by_uid.pop(uid, None)
+            if old is not None:
+                JOBS.labels(old.kind, old.phase).dec()
+
+
+def serve(port: int) -> None:
+    if port:
+        start_http_server(port)
