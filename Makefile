@@ -11,7 +11,7 @@ PY_TREES := trainer_image operator tests bench scripts
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-setup: ## install uv, redis-server, openssl, the locked virtualenv and the k8s test binaries
+setup: ## install uv, redis-server, openssl and the locked virtualenv
 	@bash scripts/bootstrap.sh
 
 k8s-tools: ## build etcd, kube-apiserver and kubectl for the k8s tests (Go; once per version)
@@ -24,7 +24,8 @@ demo: setup ## train a tokenizer and a small GPT-2 on the Python standard librar
 	$(RUN) model-trainer run -f examples/demo/tokenizerjob.yaml -f examples/demo/trainingrun.yaml \
 		--artifacts $(ARTIFACTS)
 
-test: setup ## every test
+test: setup ## every test, against real Redis, a real kube-apiserver + etcd and real training
+	@bash scripts/bootstrap.sh --k8s
 	$(RUN) pytest
 
 lint: setup ## ruff, ruff format, mypy --strict and the guard against Any/cast/type: ignore/print

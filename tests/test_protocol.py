@@ -214,3 +214,44 @@ def test_connect_fails_fast_when_nothing_listens() -> None:
         client.ping()
     assert time.monotonic() - started < 1.0
     client.close()
+
+
+def test_connect_takes_the_password_from_the_environment(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    from conftest import _free_port
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--requirepass",
+            "s3cret",
+            "--save",
+            "",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        for _ in range(100):
+            try:
+                protocol.connect(url).ping()
+            except redis.AuthenticationError:
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        else:
+            raise AssertionError("redis-server with a password did not come up")
+        monkeypatch.setenv("MT_REDIS_PASSWORD", "s3cret")
+        assert protocol.connect(url).ping()
+    finally:
+        server.terminate()
+        server.wait(10)

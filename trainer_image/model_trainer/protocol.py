@@ -19,6 +19,7 @@ writes `cancel` (from spec.cancel) and reads the rest. A user may also set `canc
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Literal, NamedTuple, TypeVar
 
@@ -252,11 +253,19 @@ def delete_run(client: redis.Redis, uid: str) -> int:
     return deleted if isinstance(deleted, int) else 0
 
 
+PASSWORD_ENV = "MT_REDIS_PASSWORD"
+
+
 def connect(url: str, timeout_seconds: float = 2.0) -> redis.Redis:
-    """A client whose calls fail fast, so that a dead Redis never stalls training."""
+    """A client whose calls fail fast, so that a dead Redis never stalls training.
+
+    A password in $MT_REDIS_PASSWORD (a pod gets it from a Secret) is used where the URL has
+    none, so that the URL, which lands in pod specs and logs, can go without one."""
+    password = os.environ.get(PASSWORD_ENV) or None
     return redis.Redis.from_url(
         url,
         socket_timeout=timeout_seconds,
         socket_connect_timeout=timeout_seconds,
         health_check_interval=30,
+        **({"password": password} if password else {}),
     )
