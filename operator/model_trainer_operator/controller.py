@@ -125,6 +125,13 @@ class Controller:
         try:
             observation = self.observe(resource, indexed_pods, tokenizer)
             result = plan(observation, self.settings)
+            patch = status_patch(resource.status, result.status)
+            last = self._last_patch.get(resource.uid)
+            interval = self.settings.status_min_interval_seconds
+            if patch and last is not None and self.clock() - last < interval:
+                # Too soon after the last patch: act on the next tick, which recomputes
+                # everything, so nothing is lost, and no event is posted twice.
+                return {}
             self.act(resource, result, post_event)
         except Exception:
             metrics.RECONCILE_ERRORS.labels(kind.kind).inc()
@@ -133,14 +140,9 @@ class Controller:
             metrics.RECONCILE_SECONDS.labels(kind.kind).observe(time.perf_counter() - started)
         self.tracker.observe(resource.uid, kind.kind, result.status.phase.value, self.clock())
         patch = status_patch(resource.status, result.status)
-        if not patch:
-            return {}
-        last = self._last_patch.get(resource.uid)
-        now = self.clock()
-        if last is not None and now - last < self.settings.status_min_interval_seconds:
-            return {}  # the next tick recomputes it: nothing is lost by waiting
-        self._last_patch[resource.uid] = now
-        metrics.STATUS_PATCHES.labels(kind.kind).inc()
+        if patch:
+            self._last_patch[resource.uid] = self.clock()
+            metrics.STATUS_PATCHES.labels(kind.kind).inc()
         return patch
 
     def act(self, resource: Resource, result: Plan, post_event: PostEvent) -> None:

@@ -42,6 +42,8 @@ def configure(settings: kopf.OperatorSettings, **_: object) -> None:
         prefix=GROUP, key="last-handled-configuration"
     )
     settings.posting.level = logging.WARNING
+    # kopf logs every timer run at INFO; our own log lines say what changed.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     settings.execution.max_workers = 16
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from model_trainer_operator.kinds import KINDS
+
 JOBS = Gauge(
     "modeltrainer_jobs", "Resources the operator tracks, by kind and phase.", ["kind", "phase"]
 )
@@ -65,5 +67,8 @@ class PhaseTracker:
 
 
 def serve(port: int) -> None:
+    for kind in KINDS:
+        # A series from the start, at 0: rate() and alerts then see the first error too.
+        RECONCILE_ERRORS.labels(kind)
     if port:
         start_http_server(port)

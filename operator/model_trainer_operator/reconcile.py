@@ -185,6 +185,9 @@ class _Planner:
             self.status.start_time = format_time(self.now)
         if condition(self.status, COND_HEARTBEAT_LOST) is not None:
             set_condition(self.status, COND_HEARTBEAT_LOST, False, "PodCreated", "", self.now)
+        if self.status.phase == Phase.PENDING:
+            # Already Pending (a new job, or one that waited): set_phase posts no event.
+            self.event("Normal", "PodCreated", f"{message} (attempt {attempt})")
         self.set_phase(Phase.PENDING, "PodCreated", message)
 
     # -- the main decision ---------------------------------------------------------------------
