@@ -6,6 +6,7 @@ import logging
 
 import kopf
 import redis
+from kubernetes.client.exceptions import ApiException
 
 from model_trainer import log, protocol
 from model_trainer.api import GROUP, VERSION
@@ -86,7 +87,15 @@ def _tick(
     def post(event: Event) -> None:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message[:1024])
 
-    status = controller().tick(kind, body, pods.get(uid, []), tokenizer, post)
+    try:
+        status = controller().tick(kind, body, pods.get(uid, []), tokenizer, post)
+    except ApiException as exc:
+        if exc.status in (401, 403):
+            # Missing RBAC rights do not heal by a quick retry; the next tick tries again.
+            raise kopf.PermanentError(f"the operator is not allowed to: {exc.reason}") from exc
+        raise kopf.TemporaryError(
+            f"Kubernetes API error {exc.status}: {exc.reason}", delay=2
+        ) from exc
     if status:
         patch.status.update(status)
 
