@@ -20,6 +20,7 @@ from model_trainer.api import (
     TrainingRun,
     TrainingSpec,
 )
+from model_trainer.api.tokenizer_job import TokenizerStats
 from model_trainer.api.training_run import EvaluationSpec, TokenizerRef, TrainingRunSpec
 from model_trainer.corpus import CorpusContext
 
@@ -122,6 +123,7 @@ class RecordingReporter:
     cancel_calls: int = 0
     progress_reports: list[Progress] = field(default_factory=list)
     evals: list[EvalMetrics] = field(default_factory=list)
+    stats_reports: list[TokenizerStats] = field(default_factory=list)
     artifact_reports: list[ArtifactsStatus] = field(default_factory=list)
 
     def phase(self, phase: Phase, message: str = "", reason: str = "") -> None:
@@ -132,6 +134,9 @@ class RecordingReporter:
 
     def eval(self, metrics: EvalMetrics) -> None:
         self.evals.append(metrics)
+
+    def stats(self, stats: TokenizerStats) -> None:
+        self.stats_reports.append(stats)
 
     def artifacts(self, artifacts: ArtifactsStatus) -> None:
         self.artifact_reports.append(artifacts)

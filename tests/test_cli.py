@@ -272,8 +272,10 @@ def test_local_mode_speaks_the_redis_protocol(workspace: Path, redis_server, cap
     assert snap.progress is not None and snap.progress.step == snap.progress.total_steps == 12
     assert snap.eval is not None and snap.eval.step == 12
     assert snap.heartbeat is not None
-    tok_state = protocol.read_run(client, "tok-uid-1").state
-    assert tok_state is not None and tok_state.phase is Phase.SUCCEEDED
+    tok_snap = protocol.read_run(client, "tok-uid-1")
+    assert tok_snap.state is not None and tok_snap.state.phase is Phase.SUCCEEDED
+    assert tok_snap.stats is not None and tok_snap.stats.holdout_tokens > 0
+    assert snap.stats is None  # a TrainingRun has no tokenizer stats
 
 
 def test_cancel_flag_in_redis_stops_a_local_run(workspace: Path, redis_server, capfd):
@@ -315,6 +317,10 @@ def test_pod_entry_point_reports_to_redis_and_stays_inside_the_volume(
         "MT_ARTIFACTS_DIR": str(artifacts),
         "MT_ATTEMPT": "1",
     }
+    client = redis_server.client()
+    pubsub = client.pubsub()
+    pubsub.subscribe(protocol.keys_for("pod-uid-1").events)
+    assert isinstance(pubsub.get_message(timeout=2.0), dict)
     results = []
     for doc in (good, escaping):
         proc = subprocess.run(
@@ -327,16 +333,32 @@ def test_pod_entry_point_reports_to_redis_and_stays_inside_the_volume(
         )
         results.append(proc)
     assert results[0].returncode == EXIT_SUCCEEDED, results[0].stderr[-2000:]
-    assert (artifacts / "team-a" / "tokenizerjobs" / "tok" / "tokenizer.json").is_file()
-    state = protocol.read_run(redis_server.client(), "pod-uid-1").state
+    tok_dir = artifacts / "team-a" / "tokenizerjobs" / "tok"
+    assert (tok_dir / "tokenizer.json").is_file()
+    snap = protocol.read_run(client, "pod-uid-1")
+    state = snap.state
     assert state is not None and state.phase is Phase.SUCCEEDED and state.attempt == 1
+    # The operator mirrors status.stats of a TokenizerJob from here.
+    manifest = json.loads((tok_dir / "manifest.json").read_text())
+    assert snap.stats is not None and snap.stats.vocab_size == 320
+    assert snap.stats.model_dump(mode="json", by_alias=True) == manifest["stats"]
+    kinds = []
+    while (message := pubsub.get_message(timeout=0.3)) is not None:
+        if message["type"] == "message":
+            event = protocol.RunEvent.model_validate_json(message["data"])
+            kinds.append(event.type if event.state is None else f"state:{event.state.phase}")
+    pubsub.close()
+    assert "stats" in kinds and kinds[-1] == "state:Succeeded"
+    assert kinds.index("stats") < kinds.index("state:Succeeded"), kinds
 
     # In a pod an absolute corpus path is read inside the artifacts volume, never the host's.
     assert results[1].returncode == EXIT_INVALID_INPUT
     assert "does not exist" in results[1].stderr and str(artifacts) in results[1].stderr
-    state = protocol.read_run(redis_server.client(), "pod-uid-2").state
-    assert state is not None and state.phase is Phase.FAILED
-    assert state.reason == "InvalidCorpus"
+    failed = protocol.read_run(client, "pod-uid-2")
+    assert failed.state is not None and failed.state.phase is Phase.FAILED
+    assert failed.state.reason == "InvalidCorpus"
+    assert failed.stats is None
+    client.close()
 
 
 def _start_run(workspace: Path, *docs: object) -> subprocess.Popen[str]:

@@ -16,7 +16,8 @@ from structlog.testing import capture_logs
 from conftest import RedisServer
 from model_trainer import protocol
 from model_trainer.api.common import ArtifactsStatus, EvalMetrics, Phase, Progress
-from model_trainer.redis_reporter import RedisReporter, redact_url
+from model_trainer.api.tokenizer_job import TokenizerStats
+from model_trainer.redis_reporter import EvaluationReporter, RedisReporter, redact_url
 
 T = TypeVar("T")
 
@@ -52,6 +53,17 @@ def wait_for(probe: Callable[[], T | None], timeout: float, what: str) -> T:
 
 def step(n: int, total: int = 1000) -> Progress:
     return Progress(step=n, total_steps=total, percent=n * 100 // total, loss=5.0 - n / total)
+
+
+STATS = TokenizerStats(
+    vocab_size=320,
+    holdout_bytes=6000,
+    holdout_tokens=2400,
+    bytes_per_token=2.5,
+    unknown_rate=0.0,
+    character_coverage=1.0,
+    vocab_used_fraction=0.75,
+)
 
 
 @pytest.fixture
@@ -163,6 +175,7 @@ def test_phase_changes_are_flushed_promptly_in_order(
     artifacts = ArtifactsStatus(path="ns/TrainingRun/demo", manifest_sha256="b" * 64)
     reporter.artifacts(artifacts)
     reporter.progress(step(20))
+    reporter.stats(STATS)
     reporter.phase(Phase.SUCCEEDED, "done", "Succeeded")
     reporter.close()
 
@@ -178,6 +191,7 @@ def test_phase_changes_are_flushed_promptly_in_order(
         "eval",
         "state:Running",  # the artifacts update
         "progress",
+        "stats",
         "state:Succeeded",
     ]
 
@@ -191,6 +205,7 @@ def test_phase_changes_are_flushed_promptly_in_order(
     assert snapshot.state.artifacts == artifacts
     assert snapshot.progress == step(20)
     assert snapshot.eval == metrics
+    assert snapshot.stats == STATS
 
 
 def test_close_flushes_pending_progress(
@@ -333,8 +348,9 @@ def test_restarted_redis_gets_everything_again(private_redis_server: RedisServer
         reporter.progress(step(5))
         metrics = EvalMetrics(loss=2.0, perplexity=7.39, bits_per_byte=1.5, step=5)
         reporter.eval(metrics)
+        reporter.stats(STATS)
         wait_for(
-            lambda: protocol.read_run(client, uid).eval,
+            lambda: protocol.read_run(client, uid).stats,
             2.0,
             "the first flush",
         )
@@ -344,7 +360,12 @@ def test_restarted_redis_gets_everything_again(private_redis_server: RedisServer
 
         def restored() -> protocol.RunSnapshot | None:
             snapshot = protocol.read_run(client, uid)
-            complete = None not in (snapshot.state, snapshot.progress, snapshot.eval)
+            complete = None not in (
+                snapshot.state,
+                snapshot.progress,
+                snapshot.eval,
+                snapshot.stats,
+            )
             return snapshot if complete and snapshot.heartbeat is not None else None
 
         snapshot = wait_for(restored, 2.0, "the keys to be written again")
@@ -352,6 +373,7 @@ def test_restarted_redis_gets_everything_again(private_redis_server: RedisServer
         assert (snapshot.state.phase, snapshot.state.message) == (Phase.RUNNING, "training started")
         assert snapshot.progress == step(5)
         assert snapshot.eval == metrics
+        assert snapshot.stats == STATS
     finally:
         reporter.close(timeout=0.5)
         client.close()
@@ -419,3 +441,86 @@ def test_redact_url_hides_the_password() -> None:
     assert redact_url("redis://user:s3cret@redis:6379/0") == "redis://user:***@redis:6379/0"
     assert redact_url("redis://:s3cret@redis/1") == "redis://:***@redis/1"
     assert redact_url("redis://redis:6379/0") == "redis://redis:6379/0"
+
+
+# EvaluationReporter: the evaluation pod's synchronous reports.
+
+EVAL_METRICS = EvalMetrics(loss=2.5, perplexity=12.18, bits_per_byte=1.9, tokens=512, step=0)
+
+
+def test_evaluation_reports_are_written_and_published_in_order(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    uid = new_uid()
+    pubsub = redis_client.pubsub()
+    pubsub.subscribe(protocol.keys_for(uid).events)
+    assert isinstance(pubsub.get_message(timeout=2.0), dict)
+
+    with EvaluationReporter(redis_server.url, uid, "held", attempt=2) as reporter:
+        reporter.report(Phase.RUNNING, reason="Started")
+        running = protocol.read_evaluations(redis_client, uid, ["held"])["held"]
+        assert (running.phase, running.attempt, running.metrics) == (Phase.RUNNING, 2, None)
+        reporter.report(
+            Phase.SUCCEEDED, reason="Succeeded", metrics=EVAL_METRICS, path="eval/held/metrics.json"
+        )
+
+    events = []
+    while (message := pubsub.get_message(timeout=0.3)) is not None:
+        if message["type"] == "message":
+            events.append(protocol.RunEvent.model_validate_json(message["data"]))
+    pubsub.close()
+    assert [(e.type, e.evaluation.phase if e.evaluation else None) for e in events] == [
+        ("evaluation", Phase.RUNNING),
+        ("evaluation", Phase.SUCCEEDED),
+    ]
+    done = protocol.read_evaluations(redis_client, uid, ["held", "other"])
+    assert set(done) == {"held"}
+    assert done["held"].metrics == EVAL_METRICS
+    assert done["held"].path == "eval/held/metrics.json"
+    assert protocol.read_run(redis_client, uid).state is None  # the run's own keys are untouched
+    assert protocol.delete_run(redis_client, uid) == 1
+    assert protocol.read_evaluations(redis_client, uid, ["held"]) == {}
+
+
+def test_evaluation_report_survives_an_outage(private_redis_server: RedisServer) -> None:
+    server = private_redis_server
+    uid = new_uid()
+    server.stop()
+    reporter = EvaluationReporter(server.url, uid, "held", backoff_initial=0.1, backoff_max=0.2)
+    with capture_logs() as logs:
+        took = timed(lambda: reporter.report(Phase.RUNNING))
+        assert took < 1.0, took
+        # Later reports during the outage wait for close() instead of trying again.
+        took = timed(lambda: reporter.report(Phase.SUCCEEDED, metrics=EVAL_METRICS))
+        assert took < 0.05, took
+        restarter = threading.Timer(0.5, server.start)
+        restarter.start()
+        try:
+            took = timed(lambda: reporter.close(timeout=4.0))
+        finally:
+            restarter.join()
+    assert took < 4.0, took
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["redis_unreachable"]
+    assert "redis_reconnected" in [e["event"] for e in logs]
+    client = server.client()
+    report = protocol.read_evaluations(client, uid, ["held"])["held"]
+    client.close()
+    assert (report.phase, report.metrics) == (Phase.SUCCEEDED, EVAL_METRICS)
+
+
+def test_evaluation_reporter_gives_up_within_its_bound() -> None:
+    reporter = EvaluationReporter("redis://127.0.0.1:1/0", new_uid(), "held", backoff_initial=0.05)
+    with capture_logs() as logs:
+        reporter.report(Phase.RUNNING)
+        reporter.report(Phase.FAILED, reason="InvalidCorpus", message="corpus is empty")
+        took = timed(lambda: reporter.close(timeout=0.5))
+    assert took < 1.0, took
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+        "redis_unreachable",
+        "redis_flush_abandoned",
+    ]
+
+
+def test_invalid_evaluation_name_is_rejected_up_front() -> None:
+    with pytest.raises(ValueError, match="invalid evaluation name"):
+        EvaluationReporter("redis://127.0.0.1:1/0", new_uid(), "a:b")

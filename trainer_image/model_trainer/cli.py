@@ -70,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
         default=Path(os.environ.get("MT_CONFIGMAP_DIR", DEFAULT_POD_CONFIGMAPS)),
     )
     job.add_argument("--attempt", type=int, default=int(os.environ.get("MT_ATTEMPT", "0")))
+    job.add_argument(
+        "--evaluation",
+        default=os.environ.get("MT_EVALUATION") or None,
+        metavar="NAME",
+        help="evaluate the finished model of the TrainingRun on its spec.evaluations entry NAME "
+        "instead of training (default: env MT_EVALUATION)",
+    )
 
     ev = sub.add_parser("evaluate", help="evaluate a trained model on a corpus or split")
     ev.add_argument(
@@ -121,21 +128,40 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_job(args: argparse.Namespace) -> int:
-    from model_trainer.pod import run_pod_job
-
     resource_file: Path | None = args.resource
-    text = (
-        resource_file.read_text(encoding="utf-8")
-        if resource_file is not None
-        else os.environ.get("MT_RESOURCE", "")
-    )
-    outcome = run_pod_job(
-        text,
-        artifacts_root=args.artifacts,
-        redis_url=args.redis_url,
-        config_map_dir=args.config_map_dir,
-        attempt=args.attempt,
-    )
+    evaluation: str | None = args.evaluation
+    try:
+        text = (
+            resource_file.read_text(encoding="utf-8")
+            if resource_file is not None
+            else os.environ.get("MT_RESOURCE", "")
+        )
+        if evaluation is not None:
+            from model_trainer.evaluation_job import run_evaluation_pod
+
+            evaluated = run_evaluation_pod(
+                text,
+                evaluation,
+                artifacts_root=args.artifacts,
+                redis_url=args.redis_url,
+                config_map_dir=args.config_map_dir,
+                attempt=args.attempt,
+            )
+            _write_termination_message(f"{evaluated.reason}: {evaluated.message}")
+            return evaluated.exit_code
+        from model_trainer.pod import run_pod_job
+
+        outcome = run_pod_job(
+            text,
+            artifacts_root=args.artifacts,
+            redis_url=args.redis_url,
+            config_map_dir=args.config_map_dir,
+            attempt=args.attempt,
+        )
+    except TrainerError as exc:
+        # Input rejected before the job started: the operator still reads why.
+        _write_termination_message(f"{exc.reason}: {exc.message}")
+        raise
     _write_termination_message(f"{outcome.reason}: {outcome.message}")
     return outcome.exit_code
 

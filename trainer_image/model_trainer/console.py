@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from model_trainer import log
 from model_trainer.api.common import ArtifactsStatus, EvalMetrics, Phase, Progress
+from model_trainer.api.tokenizer_job import TokenizerStats
 
 
 class ConsoleReporter:
@@ -51,6 +52,9 @@ class ConsoleReporter:
                 f"ppl {metrics.perplexity:.2f}, bits/byte {metrics.bits_per_byte:.4f}",
                 file=sys.stderr,
             )
+
+    def stats(self, stats: TokenizerStats) -> None:
+        pass  # the summary shows them once the job is done
 
     def artifacts(self, artifacts: ArtifactsStatus) -> None:
         pass

@@ -1,9 +1,11 @@
 """The trainer's side of the Redis protocol: the only place the trainer talks to Redis.
 
 Training code calls the reporter from its own thread; those calls only update memory. A daemon
-thread does all the Redis I/O: heartbeats, flushing state/progress/eval, and polling the cancel
-key. When Redis is unreachable training goes on; the thread retries with backoff and, once Redis
-answers again, writes everything anew (a restarted Redis may have lost every key).
+thread does all the Redis I/O: heartbeats, flushing state/progress/eval/stats, and polling the
+cancel key. When Redis is unreachable training goes on; the thread retries with backoff and, once
+Redis answers again, writes everything anew (a restarted Redis may have lost every key).
+
+An evaluation pod reports through `EvaluationReporter` instead: a handful of synchronous writes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import redis
 
 from model_trainer import log, protocol
 from model_trainer.api.common import ArtifactsStatus, EvalMetrics, Phase, Progress
+from model_trainer.api.tokenizer_job import TokenizerStats
 
 logger = log.get_logger(__name__)
 
@@ -26,7 +29,7 @@ DEFAULT_CLOSE_TIMEOUT_SECONDS = 5.0
 DEFAULT_BACKOFF_INITIAL_SECONDS = 0.5
 DEFAULT_BACKOFF_MAX_SECONDS = 10.0
 
-_Item = protocol.RunState | Progress | EvalMetrics
+_Item = protocol.RunState | Progress | EvalMetrics | TokenizerStats
 
 
 def redact_url(url: str) -> str:
@@ -42,10 +45,10 @@ def redact_url(url: str) -> str:
 
 
 class RedisReporter:
-    """A `Reporter` that publishes a run's heartbeat, state, progress and eval to Redis.
+    """A `Reporter` that publishes a run's heartbeat, state, progress, eval and stats to Redis.
 
-    Phase changes, artifacts and evaluations are queued in order and flushed promptly; progress
-    is coalesced (only the newest is sent) and flushed with each heartbeat.
+    Phase changes, artifacts, evaluations and stats are queued in order and flushed promptly;
+    progress is coalesced (only the newest is sent) and flushed with each heartbeat.
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class RedisReporter:
         self._latest_state: protocol.RunState | None = None
         self._latest_progress: Progress | None = None
         self._latest_eval: EvalMetrics | None = None
+        self._latest_stats: TokenizerStats | None = None
         self._pending: deque[_Item] = deque()
         self._urgent = False
         self._closing = False
@@ -128,6 +132,12 @@ class RedisReporter:
         with self._cond:
             self._latest_eval = metrics
             self._pending.append(metrics)
+            self._wake_locked()
+
+    def stats(self, stats: TokenizerStats) -> None:
+        with self._cond:
+            self._latest_stats = stats
+            self._pending.append(stats)
             self._wake_locked()
 
     def artifacts(self, artifacts: ArtifactsStatus) -> None:
@@ -249,6 +259,7 @@ class RedisReporter:
                     self._latest_state,
                     self._latest_progress,
                     self._latest_eval,
+                    self._latest_stats,
                 ]
             for item in latest:
                 if item is not None and type(item) not in written:
@@ -283,6 +294,8 @@ class RedisReporter:
             protocol.write_state(self._client, self.uid, item)
         elif isinstance(item, Progress):
             protocol.write_progress(self._client, self.uid, item)
+        elif isinstance(item, TokenizerStats):
+            protocol.write_stats(self._client, self.uid, item)
         else:
             protocol.write_eval(self._client, self.uid, item)
 
@@ -316,3 +329,120 @@ class RedisReporter:
             redis=self._redis_label,
             outage_seconds=round(outage, 3),
         )
+
+
+class EvaluationReporter:
+    """Publishes the EvaluationReport of one of a run's spec.evaluations.
+
+    An evaluation pod has nothing else to do while it reports, so writes are synchronous. A
+    failed write never fails the evaluation: it logs one warning, the newest report is kept,
+    and `close` retries it briefly.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        uid: str,
+        name: str,
+        *,
+        attempt: int = 0,
+        backoff_initial: float = DEFAULT_BACKOFF_INITIAL_SECONDS,
+        backoff_max: float = DEFAULT_BACKOFF_MAX_SECONDS,
+    ) -> None:
+        protocol.keys_for(uid).evaluation(name)  # rejects an invalid uid or name now
+        if backoff_initial <= 0 or backoff_max < backoff_initial:
+            raise ValueError("need 0 < backoff_initial <= backoff_max")
+        self.uid = uid
+        self.name = name
+        self.attempt = attempt
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self._redis_label = redact_url(url)
+        self._client = protocol.connect(url)
+        self._pending: protocol.EvaluationReport | None = None
+        self._outage_since: float | None = None
+        self._closed = False
+
+    def report(
+        self,
+        phase: Phase,
+        *,
+        reason: str = "",
+        message: str = "",
+        metrics: EvalMetrics | None = None,
+        path: str | None = None,
+    ) -> None:
+        self._pending = protocol.EvaluationReport(
+            phase=phase,
+            reason=reason,
+            message=message,
+            metrics=metrics,
+            path=path,
+            attempt=self.attempt,
+        )
+        # During an outage each try may block for the client's timeout: leave it to close().
+        if self._outage_since is None and not self._closed:
+            self._flush()
+
+    def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT_SECONDS) -> None:
+        """Write the pending report, retrying for up to `timeout` seconds."""
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + timeout
+        backoff = self.backoff_initial
+        while self._pending is not None and not self._flush():
+            delay = min(backoff, deadline - time.monotonic())
+            if delay <= 0:
+                break
+            time.sleep(delay)
+            backoff = min(backoff * 2, self.backoff_max)
+        if self._pending is not None:
+            logger.warning(
+                "redis_flush_abandoned",
+                uid=self.uid,
+                evaluation=self.name,
+                phase=self._pending.phase.value,
+                redis=self._redis_label,
+            )
+        self._client.close()
+
+    def __enter__(self) -> EvaluationReporter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _flush(self) -> bool:
+        report = self._pending
+        if report is None:
+            return True
+        try:
+            protocol.write_evaluation(self._client, self.uid, self.name, report)
+        except (redis.RedisError, OSError) as exc:
+            if self._outage_since is None:
+                self._outage_since = time.monotonic()
+                logger.warning(
+                    "redis_unreachable",
+                    uid=self.uid,
+                    evaluation=self.name,
+                    redis=self._redis_label,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+            return False
+        self._pending = None
+        if self._outage_since is not None:
+            logger.info(
+                "redis_reconnected",
+                uid=self.uid,
+                evaluation=self.name,
+                redis=self._redis_label,
+                outage_seconds=round(time.monotonic() - self._outage_since, 3),
+            )
+            self._outage_since = None
+        return True

@@ -13,6 +13,7 @@ from types import FrameType
 from typing import Protocol
 
 from model_trainer.api.common import ArtifactsStatus, EvalMetrics, Phase, Progress
+from model_trainer.api.tokenizer_job import TokenizerStats
 
 
 class Reporter(Protocol):
@@ -24,6 +25,9 @@ class Reporter(Protocol):
 
     def eval(self, metrics: EvalMetrics) -> None:
         """A holdout evaluation finished."""
+
+    def stats(self, stats: TokenizerStats) -> None:
+        """A TokenizerJob's holdout statistics; reported once, before Succeeded."""
 
     def artifacts(self, artifacts: ArtifactsStatus) -> None:
         """Where the outputs are, and the manifest digest once it exists."""
@@ -73,6 +77,9 @@ class NullReporter:
     def eval(self, metrics: EvalMetrics) -> None:
         pass
 
+    def stats(self, stats: TokenizerStats) -> None:
+        pass
+
     def artifacts(self, artifacts: ArtifactsStatus) -> None:
         pass
 
@@ -100,6 +107,10 @@ class MultiReporter:
     def eval(self, metrics: EvalMetrics) -> None:
         for member in self.members:
             member.eval(metrics)
+
+    def stats(self, stats: TokenizerStats) -> None:
+        for member in self.members:
+            member.stats(stats)
 
     def artifacts(self, artifacts: ArtifactsStatus) -> None:
         for member in self.members:

@@ -100,6 +100,7 @@ def run_job(
                 from model_trainer.tokenizer import train_tokenizer
 
                 result = train_tokenizer(resource, out_dir, ctx, reporter)
+                reporter.stats(result.stats)
                 done = outcome(
                     Phase.SUCCEEDED,
                     EXIT_SUCCEEDED,

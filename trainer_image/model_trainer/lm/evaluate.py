@@ -27,6 +27,7 @@ from model_trainer.lm.model import (
     move_to,
     special_tokens,
 )
+from model_trainer.lm.outputs import no_progress_bars
 from model_trainer.tokenizer import load_tokenizer
 
 logger = log.get_logger(__name__)
@@ -102,7 +103,8 @@ def load_trained_model(model_dir: Path, device: torch.device) -> GPT2LMHeadModel
     missing = [name for name in MODEL_FILES if not (model_dir / name).is_file()]
     if missing:
         raise InvalidInputError(f"{model_dir} holds no trained model: {', '.join(missing)} missing")
-    model: object = GPT2LMHeadModel.from_pretrained(model_dir)
+    with no_progress_bars():
+        model: object = GPT2LMHeadModel.from_pretrained(model_dir)
     if not isinstance(model, GPT2LMHeadModel):
         raise InvalidInputError(f"{model_dir} does not hold a GPT-2 language model")
     move_to(model, device)

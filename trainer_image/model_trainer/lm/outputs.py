@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -9,6 +10,7 @@ import platform
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -38,7 +40,8 @@ def save_model(model: GPT2LMHeadModel, out_dir: Path, tokenizer_path: Path) -> N
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".model-", suffix=".tmp", dir=out_dir))
-        _save_pretrained_quietly(model, tmp)
+        with no_progress_bars():
+            model.save_pretrained(tmp)
         for path in sorted(tmp.iterdir()):
             with path.open("rb+") as handle:
                 os.fsync(handle.fileno())
@@ -70,12 +73,13 @@ class _ProgressBars(Protocol):
 _progress_bars: _ProgressBars = hf_logging
 
 
-def _save_pretrained_quietly(model: GPT2LMHeadModel, directory: Path) -> None:
-    """save_pretrained without its progress bar, which would only clutter the job log."""
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """Without transformers' progress bars, which would only clutter the job log."""
     bar_was_enabled = _progress_bars.is_progress_bar_enabled()
     _progress_bars.disable_progress_bar()
     try:
-        model.save_pretrained(directory)
+        yield
     finally:
         if bar_was_enabled:
             _progress_bars.enable_progress_bar()
