@@ -48,6 +48,9 @@ def configure(settings: kopf.OperatorSettings, **_: object) -> None:
     settings.execution.max_workers = 16
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    # A deletion seen while a tick runs (always so for the TTL's own delete) waits for the
+    # timer to exit before the finalizer goes; kopf's default re-check is 60 s away.
+    settings.background.cancellation_polling = 1.0
     load_config()
     _State.controller = Controller(
         settings=SETTINGS, cluster=Cluster(), redis=protocol.connect(SETTINGS.redis_url)
