@@ -179,6 +179,15 @@ class Controller:
         if result.delete_resource:
             self.cluster.delete_resource(resource.kind, resource.namespace, resource.name)
         for event in result.events:
+            log_event = logger.warning if event.type == "Warning" else logger.info
+            log_event(
+                "resource_event",
+                kind=resource.kind.kind,
+                namespace=resource.namespace,
+                name=resource.name,
+                reason=event.reason,
+                message=event.message,
+            )
             post_event(event)
 
     # -- deletion ------------------------------------------------------------------------------
