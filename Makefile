@@ -43,6 +43,7 @@ fmt: setup
 bench: setup ## benchmarks: training tokens/s and tokenizer MB/s against the plain libraries
 	$(RUN) python bench/bench_tokenizer.py
 	$(RUN) python bench/bench_training.py
+	$(RUN) python bench/bench_operator.py
 
 crds: setup ## regenerate crds/ from the pydantic models
 	$(RUN) model-trainer crds --out crds

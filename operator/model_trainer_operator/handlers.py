@@ -103,7 +103,11 @@ def _tick(
         patch.status.update(status)
 
 
-@kopf.timer(GROUP, VERSION, TOKENIZER_JOB.plural, interval=SETTINGS.reconcile_interval_seconds)
+# sharp: a tick every interval on the clock, not an interval after the last tick ended, so a
+# slow API server does not stretch the heartbeat-to-status lag.
+@kopf.timer(
+    GROUP, VERSION, TOKENIZER_JOB.plural, interval=SETTINGS.reconcile_interval_seconds, sharp=True
+)
 def reconcile_tokenizer_job(
     body: kopf.Body,
     patch: kopf.Patch,
@@ -114,7 +118,9 @@ def reconcile_tokenizer_job(
     _tick(TOKENIZER_JOB, body, patch, trainer_pods, tokenizer_jobs)
 
 
-@kopf.timer(GROUP, VERSION, TRAINING_RUN.plural, interval=SETTINGS.reconcile_interval_seconds)
+@kopf.timer(
+    GROUP, VERSION, TRAINING_RUN.plural, interval=SETTINGS.reconcile_interval_seconds, sharp=True
+)
 def reconcile_training_run(
     body: kopf.Body,
     patch: kopf.Patch,
