@@ -13,7 +13,7 @@ from model_trainer.api import GROUP, VERSION
 from model_trainer_operator import metrics
 from model_trainer_operator.cluster import Cluster, load_config
 from model_trainer_operator.controller import Controller, depends_on, tokenizer_view
-from model_trainer_operator.kinds import TOKENIZER_JOB, TRAINING_RUN, Kind
+from model_trainer_operator.kinds import KINDS, TOKENIZER_JOB, TRAINING_RUN, Kind
 from model_trainer_operator.pods import LABEL_MANAGED_BY, MANAGED_BY, PodView, pod_view
 from model_trainer_operator.reconcile import Event, TokenizerView
 from model_trainer_operator.settings import OperatorSettings
@@ -72,26 +72,44 @@ def tokenizer_jobs(
     return {(namespace or "", name or ""): tokenizer_view(body)}
 
 
-def _tick(
-    kind: Kind,
+def _kind(body: kopf.Body) -> Kind:
+    kind = KINDS.get(str(body.get("kind")))
+    if kind is None:
+        raise kopf.PermanentError(f"not a kind this operator serves: {body.get('kind')!r}")
+    return kind
+
+
+# sharp: a tick every interval on the clock, not an interval after the last tick ended, so a
+# slow API server does not stretch the heartbeat-to-status lag.
+@kopf.timer(
+    GROUP, VERSION, TOKENIZER_JOB.plural, interval=SETTINGS.reconcile_interval_seconds, sharp=True
+)
+@kopf.timer(
+    GROUP, VERSION, TRAINING_RUN.plural, interval=SETTINGS.reconcile_interval_seconds, sharp=True
+)
+def reconcile(
     body: kopf.Body,
     patch: kopf.Patch,
-    pods: kopf.Index[str, PodView] | None,
-    tokenizers: kopf.Index[tuple[str, str], TokenizerView] | None,
+    trainer_pods: kopf.Index[str, PodView] | None = None,
+    tokenizer_jobs: kopf.Index[tuple[str, str], TokenizerView] | None = None,
+    **_: object,
 ) -> None:
-    if pods is None or tokenizers is None:
+    """Recompute one resource's actual state and move it on; the only reconcile path."""
+    kind = _kind(body)
+    if trainer_pods is None or tokenizer_jobs is None:
         raise kopf.TemporaryError("the indexes are not ready", delay=1)
     uid = body.metadata.uid or ""
     ref = depends_on(kind, body)
     tokenizer = None
     if ref is not None:
-        tokenizer = next(iter(tokenizers.get((body.metadata.namespace or "", ref), [])), None)
+        key = (body.metadata.namespace or "", ref)
+        tokenizer = next(iter(tokenizer_jobs.get(key, [])), None)
 
     def post(event: Event) -> None:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message[:1024])
 
     try:
-        status = controller().tick(kind, body, pods.get(uid, []), tokenizer, post)
+        status = controller().tick(kind, body, trainer_pods.get(uid, []), tokenizer, post)
     except ApiException as exc:
         if exc.status in (401, 403):
             # Missing RBAC rights do not heal by a quick retry; the next tick tries again.
@@ -103,37 +121,12 @@ def _tick(
         patch.status.update(status)
 
 
-# sharp: a tick every interval on the clock, not an interval after the last tick ended, so a
-# slow API server does not stretch the heartbeat-to-status lag.
-@kopf.timer(
-    GROUP, VERSION, TOKENIZER_JOB.plural, interval=SETTINGS.reconcile_interval_seconds, sharp=True
-)
-def reconcile_tokenizer_job(
-    body: kopf.Body,
-    patch: kopf.Patch,
-    trainer_pods: kopf.Index[str, PodView] | None = None,
-    tokenizer_jobs: kopf.Index[tuple[str, str], TokenizerView] | None = None,
-    **_: object,
-) -> None:
-    _tick(TOKENIZER_JOB, body, patch, trainer_pods, tokenizer_jobs)
-
-
-@kopf.timer(
-    GROUP, VERSION, TRAINING_RUN.plural, interval=SETTINGS.reconcile_interval_seconds, sharp=True
-)
-def reconcile_training_run(
-    body: kopf.Body,
-    patch: kopf.Patch,
-    trainer_pods: kopf.Index[str, PodView] | None = None,
-    tokenizer_jobs: kopf.Index[tuple[str, str], TokenizerView] | None = None,
-    **_: object,
-) -> None:
-    _tick(TRAINING_RUN, body, patch, trainer_pods, tokenizer_jobs)
-
-
-def _cleanup(kind: Kind, body: kopf.Body, retry: int) -> None:
+@kopf.on.delete(GROUP, VERSION, TOKENIZER_JOB.plural)
+@kopf.on.delete(GROUP, VERSION, TRAINING_RUN.plural)
+def clean_up(body: kopf.Body, retry: int, **_: object) -> None:
+    """Delete the pods and the Redis keys of a deleted resource; its artifacts stay."""
     try:
-        controller().cleanup(kind, body)
+        controller().cleanup(_kind(body), body)
     except redis.RedisError as exc:
         if retry >= CLEANUP_RETRIES:
             # The keys expire on their own (TTL); never hold a deletion hostage to Redis.
@@ -142,13 +135,3 @@ def _cleanup(kind: Kind, body: kopf.Body, retry: int) -> None:
         raise kopf.TemporaryError(
             f"Redis unavailable, retrying the clean-up: {exc}", delay=5
         ) from exc
-
-
-@kopf.on.delete(GROUP, VERSION, TOKENIZER_JOB.plural)
-def delete_tokenizer_job(body: kopf.Body, retry: int, **_: object) -> None:
-    _cleanup(TOKENIZER_JOB, body, retry)
-
-
-@kopf.on.delete(GROUP, VERSION, TRAINING_RUN.plural)
-def delete_training_run(body: kopf.Body, retry: int, **_: object) -> None:
-    _cleanup(TRAINING_RUN, body, retry)
