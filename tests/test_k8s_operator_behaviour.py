@@ -629,3 +629,24 @@ def test_evaluation_added_after_success_runs_its_own_pod(
     written = json.loads((run_dir / result["path"]).read_text())
     assert written  # the file the status points at
     assert cluster.status("TrainingRun", "run")["phase"] == "Succeeded"
+
+
+def test_without_redis_the_pods_still_decide_and_deletion_is_not_held_up(
+    cluster: Cluster, start_operator
+):
+    start_operator(REDIS_URL="redis://127.0.0.1:1/0")  # nothing listens there
+    uid, pod = start_job(cluster, "noredis")
+    cluster.set_pod_phase(pod.metadata.name, "Running")
+    cluster.wait_phase("TokenizerJob", "noredis", "Running")
+    time.sleep(6)  # past the 4 s heartbeat timeout: silence means nothing without Redis
+    status = cluster.status("TokenizerJob", "noredis")
+    assert status["phase"] == "Running"
+    assert not any(c["type"] == "HeartbeatLost" for c in status.get("conditions", []))
+    cluster.set_pod_phase(pod.metadata.name, "Succeeded", exit_code=0)
+    cluster.wait_phase("TokenizerJob", "noredis", "Succeeded")
+
+    started = time.monotonic()
+    cluster.delete("TokenizerJob", "noredis")
+    wait_for("the deletion", lambda: cluster.get("TokenizerJob", "noredis") is None, timeout=40)
+    assert time.monotonic() - started < 30
+    assert cluster.owned_pods(uid) == []

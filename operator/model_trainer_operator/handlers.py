@@ -22,7 +22,7 @@ logger = log.get_logger(__name__)
 
 SETTINGS = OperatorSettings.from_env()
 FINALIZER = f"{GROUP}/cleanup"
-CLEANUP_RETRIES = 12
+CLEANUP_RETRIES = 3
 
 
 class _State:
