@@ -295,3 +295,29 @@ def test_pod_names_are_deterministic_and_the_manifest_is_locked_down():
     view = pod_view(manifest)
     assert view is not None
     assert (view.attempt, view.owner_uid, view.phase) == (2, resource.uid, "Pending")
+
+
+def test_phase_tracker_counts_jobs_by_phase_and_times_known_phases():
+    from prometheus_client import REGISTRY
+
+    from model_trainer_operator.metrics import PhaseTracker
+
+    def value(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    kind = "TrackerTestKind"
+    tracker = PhaseTracker()
+    tracker.observe("a", kind, "Pending", now=100.0, first_since=90.0)
+    tracker.observe("b", kind, "Running", now=100.0)  # first seen mid-run: start unknown
+    assert value("modeltrainer_jobs", kind=kind, phase="Pending") == 1
+    tracker.observe("a", kind, "Running", now=105.0)
+    tracker.observe("b", kind, "Succeeded", now=130.0)
+    tracker.observe("a", kind, "Succeeded", now=145.0)
+    assert value("modeltrainer_jobs", kind=kind, phase="Succeeded") == 2
+    assert value("modeltrainer_jobs", kind=kind, phase="Running") == 0
+    pending = "modeltrainer_phase_duration_seconds_sum"
+    assert value(pending, kind=kind, phase="Pending") == 15.0
+    assert value(pending, kind=kind, phase="Running") == 40.0  # a's 40 s; b's is unknown
+    assert value("modeltrainer_phase_duration_seconds_count", kind=kind, phase="Running") == 1
+    tracker.forget("a")
+    assert value("modeltrainer_jobs", kind=kind, phase="Succeeded") == 1

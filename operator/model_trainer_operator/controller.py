@@ -138,7 +138,14 @@ class Controller:
             raise
         finally:
             metrics.RECONCILE_SECONDS.labels(kind.kind).observe(time.perf_counter() - started)
-        self.tracker.observe(resource.uid, kind.kind, result.status.phase.value, self.clock())
+        phase = result.status.phase
+        self.tracker.observe(
+            resource.uid,
+            kind.kind,
+            phase.value,
+            self.clock(),
+            first_since=resource.created.timestamp() if phase == Phase.PENDING else None,
+        )
         patch = status_patch(resource.status, result.status)
         if patch:
             self._last_patch[resource.uid] = self.clock()

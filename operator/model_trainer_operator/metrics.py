@@ -38,26 +38,36 @@ class _Tracked:
     kind: str
     phase: str
     since: float
+    timed: bool
+    """False for the phase a resource was in when first seen: its start is unknown."""
 
 
 class PhaseTracker:
     """Keeps the by-phase gauge and the phase-duration histogram in step with what the
-    reconciler sees; a phase seen first after a restart has no known start and is not timed."""
+    reconciler sees. The first phase seen of a resource is timed from `first_since` when the
+    caller knows when it began (Pending: the creation), else not at all."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_uid: dict[str, _Tracked] = {}
 
-    def observe(self, uid: str, kind: str, phase: str, now: float) -> None:
+    def observe(
+        self, uid: str, kind: str, phase: str, now: float, first_since: float | None = None
+    ) -> None:
         with self._lock:
             old = self._by_uid.get(uid)
             if old is not None and old.phase == phase:
                 return
             if old is not None:
                 JOBS.labels(old.kind, old.phase).dec()
-                PHASE_DURATION.labels(old.kind, old.phase).observe(max(0.0, now - old.since))
+                if old.timed:
+                    PHASE_DURATION.labels(old.kind, old.phase).observe(max(0.0, now - old.since))
             JOBS.labels(kind, phase).inc()
-            self._by_uid[uid] = _Tracked(kind, phase, now)
+            if old is None:
+                since = first_since if first_since is not None else now
+                self._by_uid[uid] = _Tracked(kind, phase, since, timed=first_since is not None)
+            else:
+                self._by_uid[uid] = _Tracked(kind, phase, now, timed=True)
 
     def forget(self, uid: str) -> None:
         with self._lock:
