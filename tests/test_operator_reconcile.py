@@ -321,3 +321,14 @@ def test_phase_tracker_counts_jobs_by_phase_and_times_known_phases():
     assert value("modeltrainer_phase_duration_seconds_count", kind=kind, phase="Running") == 1
     tracker.forget("a")
     assert value("modeltrainer_jobs", kind=kind, phase="Succeeded") == 1
+
+
+def test_a_pod_of_unknown_phase_keeps_running_until_its_heartbeat_is_lost():
+    raw = body(spec={"backoffLimit": 0}, status=running_status())
+    started = NOW - timedelta(seconds=300)
+    alive = snapshot(heartbeat=NOW - timedelta(seconds=1))
+    result = plan(observe(raw, [pod(phase="Unknown", started=started)], alive), SETTINGS)
+    assert result.status.phase == Phase.RUNNING
+    silent = snapshot(heartbeat=NOW - timedelta(seconds=200))
+    failed = plan(observe(raw, [pod(phase="Unknown", started=started)], silent), SETTINGS)
+    assert (failed.status.phase, failed.status.reason) == (Phase.FAILED, "HeartbeatLost")

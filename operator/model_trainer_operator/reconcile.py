@@ -377,7 +377,9 @@ class _Planner:
                 None, "PodDeleted", f"trainer pod {pod.name} was deleted while running"
             )
             return
-        if pod.phase == "Running" or trainer_says == Phase.RUNNING:
+        # Unknown: the node stopped reporting. The trainer's heartbeat still tells whether it
+        # lives, and its silence fails the attempt like any other.
+        if pod.phase in ("Running", "Unknown") or trainer_says == Phase.RUNNING:
             if self.heartbeat_lost(pod):
                 return
             if self.status.phase != Phase.RUNNING:
