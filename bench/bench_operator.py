@@ -38,7 +38,6 @@ import platform
 import random
 import re
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -53,7 +52,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import redis
 from kubernetes import client
 from pydantic import JsonValue
 
@@ -61,11 +59,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # The control plane of the tests, reused as it is.
 sys.path.insert(0, str(ROOT / "tests"))
 
-from controlplane import ControlPlane  # noqa: E402
+from controlplane import ControlPlane, free_port  # noqa: E402
 from model_trainer import log, protocol  # noqa: E402
 from model_trainer.api import GROUP, VERSION  # noqa: E402
 from model_trainer.api.common import Progress  # noqa: E402
 from model_trainer.artifacts import atomic_write_json  # noqa: E402
+from redis_server import RedisServer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "operator.json"
 RBAC_FILE = ROOT / "operator" / "deploy" / "rbac.yaml"
@@ -300,13 +299,6 @@ class Operator:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _http_text(url: str, token: str = "", context: ssl.SSLContext | None = None) -> str:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     request = urllib.request.Request(url, headers=headers)
@@ -329,47 +321,17 @@ def install_rbac(plane: ControlPlane) -> Path:
 
 
 @contextmanager
-def running_redis(executable: str, workdir: Path) -> Iterator[str]:
-    """A private redis-server without persistence; yields its URL."""
-    port = _free_port()
-    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    process = subprocess.Popen(
-        [executable, *args, "--dir", str(workdir), "--logfile", str(workdir / "redis.log")],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    probe = protocol.connect(url, timeout_seconds=0.5)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if probe.ping():
-                    break
-            except redis.RedisError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on port {port} did not start") from None
-                time.sleep(0.05)
-        yield url
-    finally:
-        probe.close()
-        process.terminate()
-        process.wait(10)
-
-
-@contextmanager
 def running_operator(
     kubeconfig: Path, redis_url: str, workdir: Path, settings: Mapping[str, str]
 ) -> Iterator[Operator]:
-    health_port = _free_port()
+    health_port = free_port()
     env = dict(os.environ)
     env.update(
         {
             "KUBECONFIG": str(kubeconfig),
             "MT_OPERATOR_REDIS_URL": redis_url,
             "MT_OPERATOR_HEALTH_PORT": str(health_port),
-            "MT_OPERATOR_METRICS_PORT": str(_free_port()),
+            "MT_OPERATOR_METRICS_PORT": str(free_port()),
             "MT_OPERATOR_TRAINER_IMAGE": "model-trainer/trainer:bench",
         }
     )
@@ -721,7 +683,10 @@ def main() -> None:
         stack.callback(plane.stop)
         plane.start()
         plane.apply_crds()
-        redis_url = stack.enter_context(running_redis(redis_server, workdir))
+        redis_process = RedisServer(redis_server, workdir)
+        redis_process.start()
+        stack.callback(redis_process.stop)
+        redis_url = redis_process.url
         api = stack.enter_context(plane.api_client())
         kubeconfig = install_rbac(plane)
         setup_tokenizer(plane, api)

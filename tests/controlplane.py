@@ -55,7 +55,7 @@ def k8s_bin_dir() -> Path:
     return Path(lines[-1])
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -201,7 +201,7 @@ class ControlPlane:
 
     def _start_processes(self) -> None:
         assert self.bin_dir is not None
-        client_port, peer_port, self.secure_port = _free_port(), _free_port(), _free_port()
+        client_port, peer_port, self.secure_port = free_port(), free_port(), free_port()
         etcd_url = f"http://127.0.0.1:{client_port}"
         peer_url = f"http://127.0.0.1:{peer_port}"
         data_dir = self.workdir / "etcd-data"

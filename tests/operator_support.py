@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import yaml
 from kubernetes import client, utils
 from kubernetes.client import ApiException
 
-from controlplane import ControlPlane
+from controlplane import ControlPlane, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RBAC_FILE = ROOT / "operator" / "deploy" / "rbac.yaml"
@@ -27,13 +26,6 @@ OPERATOR_SA = "model-trainer-operator"
 GROUP, VERSION = "modeltrainer.io", "v1alpha1"
 PLURALS = {"TokenizerJob": "tokenizerjobs", "TrainingRun": "trainingruns"}
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def install_rbac(plane: ControlPlane) -> None:

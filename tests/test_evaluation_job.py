@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import redis
 
-from conftest import RedisServer
 from lm_support import SHAKESPEARE, RecordingReporter, Workspace, quiet_runtime, tiny_run, workspace
 from model_trainer import cli, protocol
 from model_trainer.api import EvalMetrics, Phase, TrainingRun
@@ -24,6 +23,7 @@ from model_trainer.artifacts import job_dir, sha256_file
 from model_trainer.cli import main
 from model_trainer.errors import EXIT_CANCELLED, EXIT_INVALID_INPUT, EXIT_SUCCEEDED
 from model_trainer.lm import train_model
+from redis_server import RedisServer
 
 EVALUATIONS = [
     {"name": "held"},

@@ -113,11 +113,11 @@ def test_a_training_run_waits_for_its_tokenizer_then_fails_after_the_grace_perio
     failed = plan(observe(late, kind=TRAINING_RUN), SETTINGS)
     assert (failed.status.phase, failed.status.reason) == (Phase.FAILED, "TokenizerNotFound")
 
-    running = TokenizerView(uid="t", phase=Phase.RUNNING, reason="")
+    running = TokenizerView(phase=Phase.RUNNING, reason="")
     assert plan(observe(late, tokenizer=running, kind=TRAINING_RUN), SETTINGS).create == []
-    done = TokenizerView(uid="t", phase=Phase.SUCCEEDED, reason="")
+    done = TokenizerView(phase=Phase.SUCCEEDED, reason="")
     assert plan(observe(late, tokenizer=done, kind=TRAINING_RUN), SETTINGS).create == [CreatePod(1)]
-    broken = TokenizerView(uid="t", phase=Phase.FAILED, reason="InvalidCorpus")
+    broken = TokenizerView(phase=Phase.FAILED, reason="InvalidCorpus")
     result = plan(observe(body(TRAINING_RUN), tokenizer=broken, kind=TRAINING_RUN), SETTINGS)
     assert (result.status.phase, result.status.reason) == (Phase.FAILED, "TokenizerFailed")
     assert "InvalidCorpus" in (result.status.message or "")

@@ -220,9 +220,9 @@ def test_connect_takes_the_password_from_the_environment(tmp_path, monkeypatch):
     import shutil
     import subprocess
 
-    from conftest import _free_port
+    from controlplane import free_port
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [
             shutil.which("redis-server") or "redis-server",

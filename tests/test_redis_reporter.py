@@ -13,11 +13,11 @@ import pytest
 import redis
 from structlog.testing import capture_logs
 
-from conftest import RedisServer
 from model_trainer import protocol
 from model_trainer.api.common import ArtifactsStatus, EvalMetrics, Phase, Progress
 from model_trainer.api.tokenizer_job import TokenizerStats
 from model_trainer.redis_reporter import EvaluationReporter, RedisReporter, redact_url
+from redis_server import RedisServer
 
 T = TypeVar("T")
 

@@ -15,7 +15,7 @@ from model_trainer.api import Phase, TrainingRunSpec, TrainingRunStatus
 from model_trainer.protocol import EvaluationReport, RunSnapshot
 from model_trainer_operator import metrics
 from model_trainer_operator.cluster import Cluster, CreateRejected
-from model_trainer_operator.kinds import TRAINING_RUN, Kind, Resource, parse_resource
+from model_trainer_operator.kinds import TRAINING_RUN, Kind, Resource, lookup, parse_resource
 from model_trainer_operator.pods import PodView, pod_manifest, pod_name, pod_view
 from model_trainer_operator.reconcile import (
     Event,
@@ -214,30 +214,21 @@ class Controller:
 
 
 def manifest_name(manifest: Mapping[str, object]) -> str:
-    meta = manifest.get("metadata")
-    return str(meta.get("name")) if isinstance(meta, Mapping) else ""
+    return str(lookup(manifest, "metadata", "name") or "")
 
 
 def tokenizer_view(body: Mapping[str, object]) -> TokenizerView:
-    meta = body.get("metadata")
-    status = body.get("status")
-    phase_text = status.get("phase") if isinstance(status, Mapping) else None
-    reason = status.get("reason") if isinstance(status, Mapping) else None
+    phase_text = lookup(body, "status", "phase")
+    reason = lookup(body, "status", "reason")
     try:
         phase = Phase(phase_text) if isinstance(phase_text, str) else Phase.PENDING
     except ValueError:
         phase = Phase.PENDING
-    return TokenizerView(
-        uid=str(meta.get("uid", "")) if isinstance(meta, Mapping) else "",
-        phase=phase,
-        reason=reason if isinstance(reason, str) else "",
-    )
+    return TokenizerView(phase=phase, reason=reason if isinstance(reason, str) else "")
 
 
 def depends_on(kind: Kind, body: Mapping[str, object]) -> str | None:
     if kind is not TRAINING_RUN:
         return None
-    spec = body.get("spec")
-    ref = spec.get("tokenizerRef") if isinstance(spec, Mapping) else None
-    name = ref.get("name") if isinstance(ref, Mapping) else None
+    name = lookup(body, "spec", "tokenizerRef", "name")
     return name if isinstance(name, str) else None

@@ -66,6 +66,16 @@ def format_time(value: datetime) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def lookup(mapping: object, *path: str) -> object:
+    """mapping[path[0]][path[1]]..., or None where a step is missing or not a mapping."""
+    node = mapping
+    for key in path:
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(key)
+    return node
+
+
 def _mapping(value: object) -> Mapping[str, object]:
     if isinstance(value, Mapping):
         return {str(k): v for k, v in value.items()}

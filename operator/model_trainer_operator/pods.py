@@ -11,7 +11,7 @@ from datetime import datetime
 from model_trainer.api import TokenizerJobSpec, TrainingRunSpec
 from model_trainer.api.common import CorpusSource, ResourceRequirements
 from model_trainer.artifacts import KIND_DIRS
-from model_trainer_operator.kinds import Resource, parse_time
+from model_trainer_operator.kinds import Resource, lookup, parse_time
 from model_trainer_operator.settings import OperatorSettings
 
 JsonDict = dict[str, object]
@@ -75,22 +75,13 @@ class PodView:
         return self.terminated_reason == "OOMKilled"
 
 
-def _get(mapping: object, *path: str) -> object:
-    node = mapping
-    for key in path:
-        if not isinstance(node, Mapping):
-            return None
-        node = node.get(key)
-    return node
-
-
 def _text(value: object) -> str:
     return value if isinstance(value, str) else ""
 
 
 def pod_view(body: Mapping[str, object]) -> PodView | None:
     """The view of a pod this operator made, or None for any other pod."""
-    labels = _get(body, "metadata", "labels")
+    labels = lookup(body, "metadata", "labels")
     if not isinstance(labels, Mapping) or labels.get(LABEL_MANAGED_BY) != MANAGED_BY:
         return None
     owner_uid = _text(labels.get(LABEL_UID))
@@ -99,32 +90,32 @@ def pod_view(body: Mapping[str, object]) -> PodView | None:
         return None
     exit_code: int | None = None
     terminated_reason = message = waiting_reason = ""
-    statuses = _get(body, "status", "containerStatuses")
+    statuses = lookup(body, "status", "containerStatuses")
     for status in statuses if isinstance(statuses, Sequence) else []:
-        if _get(status, "name") != CONTAINER:
+        if lookup(status, "name") != CONTAINER:
             continue
-        terminated = _get(status, "state", "terminated")
+        terminated = lookup(status, "state", "terminated")
         if isinstance(terminated, Mapping):
             code = terminated.get("exitCode")
             exit_code = code if isinstance(code, int) else None
             terminated_reason = _text(terminated.get("reason"))
             message = _text(terminated.get("message"))
-        waiting = _get(status, "state", "waiting")
+        waiting = lookup(status, "state", "waiting")
         if isinstance(waiting, Mapping):
             waiting_reason = _text(waiting.get("reason"))
             message = message or _text(waiting.get("message"))
     if not message:
-        message = _text(_get(body, "status", "message"))
+        message = _text(lookup(body, "status", "message"))
     evaluation = _text(labels.get(LABEL_EVALUATION)) or None
     return PodView(
-        name=_text(_get(body, "metadata", "name")),
+        name=_text(lookup(body, "metadata", "name")),
         owner_uid=owner_uid,
         attempt=int(attempt_text),
         evaluation=evaluation,
-        phase=_text(_get(body, "status", "phase")) or "Pending",
-        created=parse_time(_get(body, "metadata", "creationTimestamp")),
-        started=parse_time(_get(body, "status", "startTime")),
-        deleting=_get(body, "metadata", "deletionTimestamp") is not None,
+        phase=_text(lookup(body, "status", "phase")) or "Pending",
+        created=parse_time(lookup(body, "metadata", "creationTimestamp")),
+        started=parse_time(lookup(body, "status", "startTime")),
+        deleting=lookup(body, "metadata", "deletionTimestamp") is not None,
         exit_code=exit_code,
         terminated_reason=terminated_reason,
         message=message.strip()[-1024:],

@@ -14,6 +14,7 @@ from typing import Literal
 from model_trainer.api import Phase, TrainingRunSpec, TrainingRunStatus
 from model_trainer.api.common import ArtifactsStatus, Condition, JobStatus
 from model_trainer.api.training_run import EvaluationRequest, EvaluationResult
+from model_trainer.artifacts import evaluation_metrics_path
 from model_trainer.errors import EXIT_CANCELLED, EXIT_INVALID_INPUT
 from model_trainer.protocol import EvaluationReport, RunSnapshot
 from model_trainer_operator.kinds import Resource, Status, format_time, parse_time
@@ -33,7 +34,6 @@ COND_CANCEL = "CancelRequested"
 class TokenizerView:
     """The TokenizerJob a TrainingRun depends on, from the operator's index."""
 
-    uid: str
     phase: Phase
     reason: str
 
@@ -480,7 +480,7 @@ class _Planner:
         ordered: list[EvaluationResult] = []
         for request in spec.evaluations:
             result = results.pop(request.name, None) or EvaluationResult(
-                name=request.name, path=f"eval/{request.name}/metrics.json"
+                name=request.name, path=evaluation_metrics_path(request.name)
             )
             ordered.append(self.evaluation(request, result))
         status.evaluations = ordered + list(results.values())

@@ -25,6 +25,13 @@ CHECKPOINTS_DIR = "checkpoints"
 _UNHASHED = {MANIFEST_NAME, LOGS_NAME}
 
 KIND_DIRS = {"TokenizerJob": "tokenizerjobs", "TrainingRun": "trainingruns"}
+# A finished TrainingRun's model, as from_pretrained loads it.
+MODEL_FILES = ("config.json", "model.safetensors")
+
+
+def evaluation_metrics_path(name: str) -> str:
+    """The metrics of spec.evaluations entry `name`, relative to the run's directory."""
+    return f"eval/{name}/metrics.json"
 
 
 def job_dir(root: Path, namespace: str, kind: str, name: str) -> Path:

@@ -18,7 +18,13 @@ from types import FrameType
 
 from model_trainer import artifacts, log
 from model_trainer.api import EvalMetrics, EvaluationRequest, Phase, TrainingRun
-from model_trainer.artifacts import LOGS_NAME, TOKENIZER_FILE, job_dir
+from model_trainer.artifacts import (
+    LOGS_NAME,
+    MODEL_FILES,
+    TOKENIZER_FILE,
+    evaluation_metrics_path,
+    job_dir,
+)
 from model_trainer.corpus import CorpusContext
 from model_trainer.errors import (
     EXIT_CANCELLED,
@@ -32,10 +38,8 @@ from model_trainer.pod import parse_pod_resource, pod_corpus_context
 
 logger = log.get_logger(__name__)
 
-EVAL_DIR = "eval"
-METRICS_NAME = "metrics.json"
-# What lm.evaluate needs; named here so that a missing model fails before torch is imported.
-MODEL_FILES = ("config.json", "model.safetensors", TOKENIZER_FILE)
+# What lm.evaluate needs; checked here so that a missing model fails before torch is imported.
+REQUIRED_FILES = (*MODEL_FILES, TOKENIZER_FILE)
 
 
 class ModelNotFoundError(InvalidInputError):
@@ -53,11 +57,6 @@ class EvaluationOutcome:
     duration_seconds: float = 0.0
     metrics: EvalMetrics | None = None
     path: str | None = None
-
-
-def metrics_path(name: str) -> str:
-    """The metrics file of evaluation `name`, relative to the run's artifacts directory."""
-    return f"{EVAL_DIR}/{name}/{METRICS_NAME}"
 
 
 def find_request(run: TrainingRun, name: str) -> EvaluationRequest:
@@ -191,13 +190,21 @@ def _evaluate(
 ) -> EvaluationOutcome:
     meta = run.metadata
     run_dir = job_dir(artifacts_root, meta.namespace, "TrainingRun", meta.name)
-    eval_dir = run_dir / EVAL_DIR / request.name
-    rel_path = metrics_path(request.name)
+    rel_path = evaluation_metrics_path(request.name)
+    metrics_file = run_dir / rel_path
+    eval_dir = metrics_file.parent
     corpus = request.corpus or run.spec.corpus
     started = time.monotonic()
 
-    def ended(phase: Phase, exit_code: int, reason: str, message: str) -> EvaluationOutcome:
-        reporter.report(phase, reason, message)
+    def ended(
+        phase: Phase,
+        exit_code: int,
+        reason: str,
+        message: str,
+        metrics: EvalMetrics | None = None,
+        path: str | None = None,
+    ) -> EvaluationOutcome:
+        reporter.report(phase, reason, message, metrics=metrics, path=path)
         return EvaluationOutcome(
             run=meta.name,
             name=request.name,
@@ -206,6 +213,8 @@ def _evaluate(
             reason=reason,
             message=message,
             duration_seconds=time.monotonic() - started,
+            metrics=metrics,
+            path=path,
         )
 
     with (
@@ -221,7 +230,7 @@ def _evaluate(
         try:
             _check_model(run_dir, meta.name)
             _open_job_log(stack, eval_dir / LOGS_NAME)
-            _retire(eval_dir / METRICS_NAME)
+            _retire(metrics_file)
             reporter.report(
                 Phase.RUNNING, "Started", f"evaluating on {corpus.describe()} ({request.split})"
             )
@@ -245,7 +254,7 @@ def _evaluate(
                     max_tokens=request.max_tokens,
                 )
             artifacts.atomic_write_json(
-                eval_dir / METRICS_NAME, metrics.model_dump(mode="json", by_alias=True)
+                metrics_file, metrics.model_dump(mode="json", by_alias=True)
             )
         except JobCancelled:
             logger.warning("evaluation_cancelled")
@@ -266,22 +275,13 @@ def _evaluate(
             message=message,
             duration_seconds=round(time.monotonic() - started, 3),
         )
-        reporter.report(Phase.SUCCEEDED, "Succeeded", message, metrics=metrics, path=rel_path)
-        return EvaluationOutcome(
-            run=meta.name,
-            name=request.name,
-            phase=Phase.SUCCEEDED,
-            exit_code=EXIT_SUCCEEDED,
-            reason="Succeeded",
-            message=message,
-            duration_seconds=time.monotonic() - started,
-            metrics=metrics,
-            path=rel_path,
+        return ended(
+            Phase.SUCCEEDED, EXIT_SUCCEEDED, "Succeeded", message, metrics=metrics, path=rel_path
         )
 
 
 def _check_model(run_dir: Path, run_name: str) -> None:
-    missing = [name for name in MODEL_FILES if not (run_dir / name).is_file()]
+    missing = [name for name in REQUIRED_FILES if not (run_dir / name).is_file()]
     if missing:
         raise ModelNotFoundError(
             f"TrainingRun {run_name} has no finished model in {run_dir} "

@@ -46,10 +46,15 @@ class RunKeys(NamedTuple):
     events: str
     stats: str
 
+    @property
+    def base(self) -> str:
+        """modeltrainer:v1:run:<uid>, the prefix of every key of the run."""
+        return self.heartbeat.removesuffix(":heartbeat")
+
     def evaluation(self, name: str) -> str:
         if not name or ":" in name:
             raise ValueError(f"invalid evaluation name {name!r}")
-        return f"{self.heartbeat.rsplit(':', 1)[0]}:evaluation:{name}"
+        return f"{self.base}:evaluation:{name}"
 
 
 def keys_for(uid: str) -> RunKeys:

@@ -16,7 +16,7 @@ from transformers import GPT2LMHeadModel
 
 from model_trainer import artifacts, log
 from model_trainer.api.common import CorpusSource, EvalMetrics
-from model_trainer.artifacts import TOKENIZER_FILE
+from model_trainer.artifacts import MODEL_FILES, TOKENIZER_FILE
 from model_trainer.corpus import CorpusContext, load_corpus, split_holdout
 from model_trainer.errors import InvalidInputError
 from model_trainer.lm import device as lm_device
@@ -32,7 +32,6 @@ from model_trainer.tokenizer import load_tokenizer
 
 logger = log.get_logger(__name__)
 
-MODEL_FILES = ("config.json", "model.safetensors")
 # exp() of a loss above this overflows a float; no real model gets near it.
 _MAX_EXP_ARGUMENT = 700.0
 
