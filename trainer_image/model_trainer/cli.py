@@ -1,4 +1,6 @@
-"""`model-trainer`: local mode, the trainer pod's entry point, evaluation and CRD generation."""
+"""`model-trainer`: local mode, the trainer pod's entry point, evaluation, CRD generation and the
+artifact service. Heavy imports stay inside the commands: the operator image, which has no
+torch, transformers or tokenizers, runs `model-trainer artifacts serve`."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from model_trainer import __version__, log
+from model_trainer.artifact_service import commands as artifact_commands
 from model_trainer.errors import EXIT_FAILED, EXIT_INVALID_INPUT, TrainerError
 
 logger = log.get_logger("model_trainer.cli")
@@ -115,6 +118,8 @@ def _parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="check YAML against the resource schemas")
     val.add_argument("-f", "--file", dest="files", action="append", type=Path, required=True)
+
+    artifact_commands.add_parser(sub)
     return parser
 
 
@@ -233,6 +238,7 @@ COMMANDS = {
     "evaluate": _cmd_evaluate,
     "crds": _cmd_crds,
     "validate": _cmd_validate,
+    "artifacts": artifact_commands.run,
 }
 
 
