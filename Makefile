@@ -5,8 +5,16 @@ UV ?= $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 RUN := $(UV) run --frozen --no-sync
 ARTIFACTS ?= demo-artifacts
 PY_TREES := trainer_image operator tests bench scripts
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)
+CHART := helm/model-trainer
+NAMESPACE ?= model-trainer-system
+KIND ?= kind
+KIND_CLUSTER ?= model-trainer
+# The Helm CLI pinned in tools/helm (built once from Go modules), unless HELM names another.
+HELM_BIN = $$(bash scripts/helm_tool.sh)
 
-.PHONY: setup k8s-tools demo test test-fast lint fmt bench crds clean help
+.PHONY: setup k8s-tools helm demo test test-fast lint fmt bench crds manifests images \
+	kind-up kind-load deploy kind-down clean help
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -35,6 +43,7 @@ lint: setup ## ruff, ruff format, mypy --strict and the guard against Any/cast/t
 	@# Tests too, where pytest fixtures and parametrized arguments may go unannotated.
 	$(RUN) mypy --allow-untyped-defs --allow-incomplete-defs --allow-untyped-calls tests
 	$(RUN) python scripts/guard.py
+	$(HELM_BIN) lint --strict $(CHART)
 
 fmt: setup
 	$(RUN) ruff format $(PY_TREES)
@@ -45,8 +54,36 @@ bench: setup ## benchmarks: training tokens/s and tokenizer MB/s against the pla
 	$(RUN) python bench/bench_training.py
 	$(RUN) python bench/bench_operator.py
 
-crds: setup ## regenerate crds/ from the pydantic models
+helm: ## build the pinned Helm CLI into .tools/ (Go; once per version)
+	@bash scripts/helm_tool.sh
+
+crds: setup ## regenerate crds/ and the chart's crds/ from the pydantic models
 	$(RUN) model-trainer crds --out crds
+	$(RUN) model-trainer crds --out $(CHART)/crds
+
+manifests: crds ## render operator/deploy/install.yaml (the kubectl bundle) from the chart
+	@bash scripts/render_manifests.sh
+
+images: ## build the trainer and operator images (installs and starts Docker's engine if needed)
+	@bash scripts/images.sh
+
+kind-up: ## a single-node kind cluster whose artifacts live in ./artifacts on your disk
+	@command -v $(KIND) >/dev/null || { echo "kind not found: go install sigs.k8s.io/kind@v0.33.0" >&2; exit 1; }
+	@# Trainer pods write as uid 10001 into this folder through the node's extraMount.
+	mkdir -p artifacts && chmod 0777 artifacts
+	$(KIND) get clusters 2>/dev/null | grep -qx $(KIND_CLUSTER) \
+		|| $(KIND) create cluster --name $(KIND_CLUSTER) --config kind-config.yaml
+
+kind-load: images ## load the locally built images into the kind cluster
+	$(KIND) load docker-image --name $(KIND_CLUSTER) \
+		model-trainer/trainer:$(VERSION) model-trainer/operator:$(VERSION)
+
+deploy: ## helm upgrade --install the chart into the current context (kind values)
+	$(HELM_BIN) upgrade --install model-trainer $(CHART) --namespace $(NAMESPACE) \
+		--create-namespace --values examples/kind-values.yaml --wait --timeout 5m
+
+kind-down: ## delete the kind cluster (./artifacts stays)
+	$(KIND) delete cluster --name $(KIND_CLUSTER)
 
 clean:
 	rm -rf $(ARTIFACTS) bench/results .pytest_cache .mypy_cache .ruff_cache
