@@ -64,7 +64,7 @@ crds: setup ## regenerate crds/ and the chart's crds/ from the pydantic models
 manifests: crds ## render operator/deploy/install.yaml (the kubectl bundle) from the chart
 	@bash scripts/render_manifests.sh
 
-images: ## build the trainer and operator images (installs and starts Docker's engine if needed)
+images: setup ## build the trainer and operator images, offline (installs and starts Docker if needed)
 	@bash scripts/images.sh
 
 kind-up: ## a single-node kind cluster whose artifacts live in ./artifacts on your disk
