@@ -158,3 +158,39 @@ def quiet_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
     """One thread (deterministic and kind to the shared CPUs) and no torch.compile."""
     monkeypatch.setenv("MT_NUM_THREADS", "1")
     monkeypatch.setenv("MT_COMPILE", "0")
+
+
+# Tiny TokenizerJob and TrainingRun documents, as a user writes them (YAML/JSON).
+def tokenizer_doc(corpus: str = "corpus.txt", **spec: object) -> dict[str, object]:
+    return {
+        "apiVersion": "modeltrainer.io/v1alpha1",
+        "kind": "TokenizerJob",
+        "metadata": {"name": "tok"},
+        "spec": {"vocabSize": 320, "holdoutFraction": 0.1, "corpus": {"path": corpus}, **spec},
+    }
+
+
+def run_doc(corpus: str = "corpus.txt", tokenizer: str = "tok", **overrides: object):
+    spec: dict[str, object] = {
+        "tokenizerRef": {"name": tokenizer},
+        "corpus": {"path": corpus},
+        "holdoutFraction": 0.1,
+        "model": {"nLayer": 2, "nHead": 2, "nEmbd": 32, "contextLength": 32},
+        "training": {
+            "maxSteps": 12,
+            "batchSize": 4,
+            "warmupSteps": 2,
+            "evalEvery": 6,
+            "checkpointEvery": 6,
+            "learningRate": 0.003,
+            "precision": "fp32",
+        },
+        "evaluation": {"maxTokens": 2048, "samplePrompts": ["ROMEO:"], "sampleMaxNewTokens": 8},
+    }
+    spec.update(overrides)
+    return {
+        "apiVersion": "modeltrainer.io/v1alpha1",
+        "kind": "TrainingRun",
+        "metadata": {"name": "gpt"},
+        "spec": spec,
+    }

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lm_support import SHAKESPEARE
+from lm_support import SHAKESPEARE, run_doc, tokenizer_doc
 from model_trainer import protocol
 from model_trainer.api import Phase
 from model_trainer.artifacts import sha256_file
@@ -26,41 +26,6 @@ from model_trainer.errors import (
     EXIT_INVALID_INPUT,
     EXIT_SUCCEEDED,
 )
-
-
-def tokenizer_doc(corpus: str = "corpus.txt", **spec: object) -> dict[str, object]:
-    return {
-        "apiVersion": "modeltrainer.io/v1alpha1",
-        "kind": "TokenizerJob",
-        "metadata": {"name": "tok"},
-        "spec": {"vocabSize": 320, "holdoutFraction": 0.1, "corpus": {"path": corpus}, **spec},
-    }
-
-
-def run_doc(corpus: str = "corpus.txt", tokenizer: str = "tok", **overrides: object):
-    spec: dict[str, object] = {
-        "tokenizerRef": {"name": tokenizer},
-        "corpus": {"path": corpus},
-        "holdoutFraction": 0.1,
-        "model": {"nLayer": 2, "nHead": 2, "nEmbd": 32, "contextLength": 32},
-        "training": {
-            "maxSteps": 12,
-            "batchSize": 4,
-            "warmupSteps": 2,
-            "evalEvery": 6,
-            "checkpointEvery": 6,
-            "learningRate": 0.003,
-            "precision": "fp32",
-        },
-        "evaluation": {"maxTokens": 2048, "samplePrompts": ["ROMEO:"], "sampleMaxNewTokens": 8},
-    }
-    spec.update(overrides)
-    return {
-        "apiVersion": "modeltrainer.io/v1alpha1",
-        "kind": "TrainingRun",
-        "metadata": {"name": "gpt"},
-        "spec": spec,
-    }
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from controlplane import free_port
-from lm_support import SHAKESPEARE
+from lm_support import SHAKESPEARE, run_doc, tokenizer_doc
 from operator_support import Cluster, pod_env, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,38 +142,6 @@ def test_operator_image_has_no_torch_transformers_or_tokenizers(docker):
     assert image_config(docker, OPERATOR)["Size"] < 400 * 1024 * 1024
 
 
-TOKENIZER_SPEC: dict[str, object] = {
-    "vocabSize": 320,
-    "holdoutFraction": 0.1,
-    "corpus": {"path": "corpus.txt"},
-}
-RUN_SPEC: dict[str, object] = {
-    "tokenizerRef": {"name": "tok"},
-    "corpus": {"path": "corpus.txt"},
-    "holdoutFraction": 0.1,
-    "model": {"nLayer": 2, "nHead": 2, "nEmbd": 32, "contextLength": 32},
-    "training": {
-        "maxSteps": 12,
-        "batchSize": 4,
-        "warmupSteps": 2,
-        "evalEvery": 6,
-        "checkpointEvery": 6,
-        "learningRate": 0.003,
-        "precision": "fp32",
-    },
-    "evaluation": {"maxTokens": 2048, "samplePrompts": ["ROMEO:"]},
-}
-
-
-def resource(kind: str, name: str, spec: dict[str, object]) -> dict[str, object]:
-    return {
-        "apiVersion": "modeltrainer.io/v1alpha1",
-        "kind": kind,
-        "metadata": {"name": name},
-        "spec": spec,
-    }
-
-
 def artifacts_dir(tmp_path: Path) -> Path:
     """A folder the container's user 10001 can write, with a small corpus."""
     artifacts = tmp_path / "artifacts"
@@ -187,8 +155,8 @@ def artifacts_dir(tmp_path: Path) -> Path:
 def test_trainer_image_trains_locally_read_only_and_offline(docker, tmp_path):
     artifacts = artifacts_dir(tmp_path)
     specs = [
-        resource("TokenizerJob", "tok", TOKENIZER_SPEC),
-        resource("TrainingRun", "gpt", RUN_SPEC),
+        tokenizer_doc(),
+        run_doc(),
     ]
     (artifacts / "specs.yaml").write_text(yaml.safe_dump_all(specs))
     started = time.monotonic()
@@ -258,7 +226,9 @@ def test_operator_image_runs_a_tokenizer_job_through_the_trainer_image(
         artifacts = artifacts_dir(tmp_path)
         with control_plane.api_client() as api:
             cluster = Cluster(api, k8s_namespace)
-            job = cluster.create("TokenizerJob", "tok", TOKENIZER_SPEC)
+            spec = tokenizer_doc()["spec"]
+            assert isinstance(spec, dict)
+            job = cluster.create("TokenizerJob", "tok", spec)
             pod = cluster.wait_pod(job["metadata"]["uid"])
             trainer = pod.spec.containers[0]
             assert trainer.image == TRAINER
