@@ -36,9 +36,10 @@ fi
 if command -v uv >/dev/null 2>&1; then uv=(uv); else uv=(python3 -m uv); fi
 "${uv[@]}" sync --frozen --all-extras --quiet
 
-# The k8s tests run against a real etcd and kube-apiserver built from Go modules (`--k8s`);
-# CI machines have Go in /usr/local/go. The demo does not need them.
+# The k8s and chart tests run against a real etcd and kube-apiserver, and Helm, all built from
+# Go modules (`--k8s`); CI machines have Go in /usr/local/go. The demo does not need them.
 if [ "${1:-}" = "--k8s" ]; then
   command -v go >/dev/null 2>&1 || export PATH="$PATH:/usr/local/go/bin"
   bash scripts/k8s_tools.sh >/dev/null
+  bash scripts/helm_tool.sh >/dev/null
 fi
