@@ -3,12 +3,14 @@
 # no container registry and no network inside the builds:
 #   1. a Docker engine: the one running, else Debian's docker.io, started in the background
 #      (log: .cache/docker/dockerd.log);
-#   2. the base image model-trainer/base:bookworm (scripts/base_image.sh, debootstrap; once);
+#   2. the base image: python:3.11-slim-bookworm where it can be pulled, else
+#      model-trainer/base:bookworm (scripts/base_image.sh, debootstrap; once);
 #   3. wheelhouses of exactly the locked wheels, hashes checked, on the host (cached):
 #      .cache/wheelhouse (everything but torch) and .cache/torch-wheels (torch and torch.txt);
 #   4. both images, `docker build --network none` with OFFLINE=1.
-# `--engine` stops after step 1. Idempotent; a second run takes seconds. `docker build -f trainer_image/Dockerfile .` works
-# without any of this where the build can reach PyPI and download.pytorch.org.
+# `--engine` stops after step 1. Idempotent; a second run takes seconds.
+# `docker build -f trainer_image/Dockerfile .` works without any of this where the build can
+# reach PyPI and download.pytorch.org.
 #
 # Env: MT_TORCH_SOURCE=auto|cpu|pypi  where the trainer's torch comes from. cpu: the CPU build of
 #        the locked version from download.pytorch.org; pypi: the lock's PyPI build with the CUDA
@@ -244,9 +246,17 @@ step "docker engine" docker_engine
 if [ "${1:-}" = "--engine" ]; then exit 0; fi
 choose_builder
 say "client $DOCKER, BuildKit=$DOCKER_BUILDKIT"
-# 2. The base image.
+# 2. The base image: the Dockerfiles' default (the official Python image) where a registry
+# answers, else our own, made with debootstrap.
+official_base=$(dockerfile_arg BASE_IMAGE)
 if [ -z "${MT_BASE_IMAGE:-}" ]; then
-  step "base image $base_image" env DOCKER="$DOCKER" bash scripts/base_image.sh "$base_image"
+  if "$DOCKER" image inspect "$official_base" >/dev/null 2>&1 \
+    || timeout 300 "$DOCKER" pull -q "$official_base" >/dev/null 2>&1; then
+    base_image=$official_base
+  else
+    say "$official_base cannot be pulled: building $base_image with debootstrap"
+    step "base image $base_image" env DOCKER="$DOCKER" bash scripts/base_image.sh "$base_image"
+  fi
 fi
 step "wheelhouse" common_wheelhouse
 step "torch wheelhouse" torch_wheelhouse
