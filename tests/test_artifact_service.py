@@ -83,6 +83,10 @@ def test_lists_files_with_sizes_and_sha256(server: ArtifactHTTPServer, tree: Tre
     # Written after the manifest: its digest cannot come from the manifest.
     (tree.run_dir / "eval" / "late.json").write_text("{}\n")
     os.utime(tree.run_dir / "eval" / "late.json", ns=(time.time_ns() + 10**9,) * 2)
+    # A file and a checkpoint still under their temporary names are not artifacts yet.
+    (tree.run_dir / ".model.bin.k2j4.tmp").write_bytes(b"half")
+    (tree.run_dir / ".step-00000010.x9.tmp").mkdir()
+    (tree.run_dir / ".step-00000010.x9.tmp" / "model.safetensors").write_bytes(b"half")
     listing = request(server.port, RUN_FILES).json()
     files = listing["files"]
     assert isinstance(files, list)

@@ -39,6 +39,12 @@ def job_dir(root: Path, namespace: str, kind: str, name: str) -> Path:
     return root / namespace / KIND_DIRS[kind] / name
 
 
+def is_being_written(name: str) -> bool:
+    """A file or checkpoint directory under its temporary name (`.<name>.<random>.tmp`), before
+    the rename that publishes it."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
 def write_error(path: Path, exc: OSError) -> ArtifactWriteError:
     """The user-facing error for a failed write to the artifacts volume."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):

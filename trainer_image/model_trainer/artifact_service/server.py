@@ -51,7 +51,7 @@ from model_trainer.artifact_service.paths import (
     namespace_segment,
 )
 from model_trainer.artifact_service.ranges import ByteRange, RangeNotSatisfiable, parse_range
-from model_trainer.artifacts import LOGS_NAME, MANIFEST_NAME
+from model_trainer.artifacts import LOGS_NAME, MANIFEST_NAME, is_being_written
 from model_trainer.errors import TrainerError
 
 logger = log.get_logger(__name__)
@@ -320,8 +320,10 @@ class ArtifactRequestHandler(BaseHTTPRequestHandler):
     def _list_files(self, server: ArtifactHTTPServer, job: Path) -> None:
         files: list[dict[str, object]] = []
         for directory, dirnames, filenames in os.walk(job):
-            dirnames.sort()
+            dirnames[:] = sorted(d for d in dirnames if not is_being_written(d))
             for filename in filenames:
+                if is_being_written(filename):
+                    continue
                 candidate = Path(directory) / filename
                 real = inside_job(job, candidate)
                 if real is None:
