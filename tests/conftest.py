@@ -11,7 +11,7 @@ import pytest
 import redis
 from kubernetes.client import ApiException
 
-from controlplane import ControlPlane, ControlPlaneError
+from controlplane import ControlPlane, ControlPlaneError, helm_binary
 from operator_support import OPERATOR_NAMESPACE, OPERATOR_SA, Cluster, OperatorProcess, install_rbac
 from redis_server import RedisServer
 
@@ -67,6 +67,15 @@ def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    """The path of the pinned Helm CLI, built once from tools/helm."""
+    try:
+        return str(helm_binary())
+    except ControlPlaneError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,7 @@ logger = log.get_logger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S_TOOLS = ROOT / "scripts" / "k8s_tools.sh"
+HELM_TOOL = ROOT / "scripts" / "helm_tool.sh"
 CRD_DIR = ROOT / "crds"
 # The issuer of ServiceAccount tokens and the audience the API server accepts.
 AUDIENCE = "https://kubernetes.default.svc.cluster.local"
@@ -41,18 +42,28 @@ class ControlPlaneError(RuntimeError):
     """The control plane could not be built, started or used."""
 
 
-def k8s_bin_dir() -> Path:
-    """The directory with etcd and kube-apiserver that scripts/k8s_tools.sh builds or finds."""
+def _built_tool(script: Path) -> Path:
+    """What a scripts/*_tool(s).sh builder prints last: the path of what it built or found."""
     result = subprocess.run(
-        ["bash", str(K8S_TOOLS)], capture_output=True, text=True, check=False, cwd=ROOT
+        ["bash", str(script)], capture_output=True, text=True, check=False, cwd=ROOT
     )
     lines = result.stdout.strip().splitlines()
     if result.returncode != 0 or not lines:
         raise ControlPlaneError(
-            f"{K8S_TOOLS.relative_to(ROOT)} failed with exit code {result.returncode}:\n"
+            f"{script.relative_to(ROOT)} failed with exit code {result.returncode}:\n"
             f"{result.stderr[-LOG_TAIL_CHARS:]}"
         )
     return Path(lines[-1])
+
+
+def k8s_bin_dir() -> Path:
+    """The directory with etcd and kube-apiserver that scripts/k8s_tools.sh builds or finds."""
+    return _built_tool(K8S_TOOLS)
+
+
+def helm_binary() -> Path:
+    """The pinned Helm CLI that scripts/helm_tool.sh builds (or $HELM)."""
+    return _built_tool(HELM_TOOL)
 
 
 def free_port() -> int:

@@ -33,13 +33,8 @@ NAMESPACE = "model-trainer-system"
 
 
 @pytest.fixture(scope="module")
-def rendered():
+def rendered(helm: str):
     """The default chart with a given password and token, by (kind, name)."""
-    tool = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "helm_tool.sh")], capture_output=True, text=True
-    )
-    assert tool.returncode == 0, tool.stderr[-2000:]
-    helm = tool.stdout.strip().splitlines()[-1]
     done = subprocess.run(
         [
             helm,

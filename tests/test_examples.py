@@ -127,20 +127,16 @@ def test_argocd_syncs_the_operator_before_the_jobs():
     assert root["spec"]["source"]["path"] == "examples/argocd"
 
 
-def test_argocd_values_render_with_secrets_created_once(tmp_path: Path):
+def test_argocd_values_render_with_secrets_created_once(helm: str, tmp_path: Path):
     """Argo CD renders with `helm template`, which cannot look up Secrets: the Application's
     values must name existing Secrets, so that no render makes a new random password."""
-    helm = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "helm_tool.sh")], capture_output=True, text=True
-    )
-    assert helm.returncode == 0, helm.stderr[-2000:]
     source = _application("model-trainer.yaml")["spec"]["source"]
     values = tmp_path / "values.yaml"
     values.write_text(yaml.safe_dump(source["helm"]["valuesObject"]))
     renders = [
         subprocess.run(
             [
-                helm.stdout.strip().splitlines()[-1],
+                helm,
                 "template",
                 source["helm"]["releaseName"],
                 str(ROOT / source["path"]),

@@ -34,7 +34,6 @@ BUNDLE = ROOT / "operator" / "deploy" / "install.yaml"
 CRD_DIR = ROOT / "crds"
 EXAMPLE_JOB = ROOT / "examples" / "demo" / "tokenizerjob.yaml"
 KIND_VALUES = ROOT / "examples" / "kind-values.yaml"
-HELM_TOOL = ROOT / "scripts" / "helm_tool.sh"
 RENDER_SCRIPT = ROOT / "scripts" / "render_manifests.sh"
 BUNDLE_NAMESPACE = "model-trainer-system"
 RESTRICTED = "restricted"
@@ -155,15 +154,6 @@ class Rendered:
 
     def workloads(self) -> list[Doc]:
         return [o for o in self.objects if o["kind"] in ("Deployment", "StatefulSet")]
-
-
-@pytest.fixture(scope="module")
-def helm() -> str:
-    result = _run(["bash", str(HELM_TOOL)])
-    lines = result.stdout.strip().splitlines()
-    if result.returncode != 0 or not lines:
-        pytest.fail(f"scripts/helm_tool.sh failed: {result.stderr[-2000:]}", pytrace=False)
-    return lines[-1]
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO, BinaryIO
 from urllib.parse import quote, urlencode
 
+from model_trainer.artifact_service.paths import URL_KINDS
 from model_trainer.artifacts import fsync_dir
 from model_trainer.errors import ArtifactWriteError, InvalidInputError, TrainerError
 
@@ -24,14 +25,8 @@ _CHUNK = 1 << 20
 # The server sends a `: ping` every 15 s on an idle event stream.
 FOLLOW_READ_TIMEOUT = 60.0
 
-KIND_ALIASES = {
-    "trainingruns": "trainingruns",
-    "trainingrun": "trainingruns",
-    "tr": "trainingruns",
-    "tokenizerjobs": "tokenizerjobs",
-    "tokenizerjob": "tokenizerjobs",
-    "tj": "tokenizerjobs",
-}
+# The kinds the service's URLs take (plural and singular), and kubectl-style short names.
+KIND_ALIASES = {**URL_KINDS, "tr": "trainingruns", "tj": "tokenizerjobs"}
 
 
 class ServiceUnavailableError(TrainerError):

@@ -47,7 +47,7 @@ def namespace_segment(raw: str) -> str:
 
 def name_segment(raw: str) -> str:
     name = decode_segment(raw)
-    if len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(name):
+    if not is_valid_name(name):
         raise RequestError(400, "invalid name")
     return name
 
